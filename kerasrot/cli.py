@@ -1,0 +1,221 @@
+"""The `kerasrot` command: list, show, run, evaluate and report recipes.
+
+Errors a user can fix (a wrong name, a bad value, missing data) end in one
+line on stderr and exit status 1 or 2; `--debug` shows the traceback too.
+Keras is imported inside the commands, after `KERAS_BACKEND` is checked,
+so even a wrong backend name gets a clear answer.
+"""
+
+import os
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+BACKENDS = ("torch", "jax", "tensorflow")
+DEFAULT_WORKDIR = Path("~/.cache/kerasrot").expanduser()
+
+
+class Failure(click.ClickException):
+    """One line to stderr, exit status 1."""
+
+    def format_message(self):
+        return self.message
+
+
+def _check_backend():
+    name = os.environ.get("KERAS_BACKEND", "torch")
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    if name not in BACKENDS:
+        raise Failure(f"KERAS_BACKEND={name!r} is not supported; use one of {', '.join(BACKENDS)}")
+
+
+def _friendly_errors(function):
+    """Turns the errors users cause into one clear line (tracebacks with --debug)."""
+
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug", False)
+        try:
+            return function(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except KeyboardInterrupt:
+            raise Failure("interrupted; run the same command again to resume") from None
+        except Exception as error:  # noqa: BLE001 - every failure gets one line
+            if debug:
+                traceback.print_exc()
+            raise Failure(_describe(error)) from None
+
+    wrapper.__name__ = function.__name__
+    wrapper.__doc__ = function.__doc__
+    return wrapper
+
+
+def _describe(error):
+    from kerasrot.data import DataError
+    from kerasrot.files import WorkdirBusy
+    from kerasrot.recipes import RecipeError
+
+    if isinstance(error, (DataError, RecipeError, WorkdirBusy)):
+        return f"error: {error}"
+    if isinstance(error, PermissionError):
+        return f"error: cannot write {error.filename}: permission denied; choose a writable --workdir/--results"
+    if isinstance(error, OSError) and error.errno == 28:
+        return "error: the disk is full; free space and run the same command again to resume"
+    if isinstance(error, OSError) and error.filename:
+        return f"error: {error.strerror or error} ({error.filename})"
+    return f"error: {type(error).__name__}: {error} (run with --debug for the traceback)"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def main(debug):
+    """Rotation pretraining (RotNet) on CIFAR-10 with Keras 3: reproduce the tables."""
+    _check_backend()
+
+
+@main.command("list")
+@_friendly_errors
+def list_recipes():
+    """The recipes and what each reproduces."""
+    from kerasrot import recipes
+
+    for name in recipes.available():
+        recipe = recipes.load(name, "quick")
+        click.echo(f"{name:11s} {recipe.title}")
+        click.echo(f"{'':11s} stages: {', '.join(s.name for s in recipe.stages)}")
+
+
+@main.command()
+@click.argument("recipe")
+@click.option("--preset", default="quick", show_default=True, help="quick (CPU, minutes) or paper (GPU).")
+@click.option("--set", "overrides", multiple=True, metavar="TASK.KEY=VALUE", help="Override a setting.")
+@_friendly_errors
+def show(recipe, preset, overrides):
+    """The stages and every setting of RECIPE, after preset and overrides."""
+    from kerasrot import recipes
+
+    loaded = recipes.load(recipe, preset, recipes.parse_overrides(overrides))
+    click.echo(f"{loaded.name} --preset {preset}: {loaded.title}\n{loaded.reproduces}\n")
+    for stage in loaded.stages:
+        click.echo(f"stage {stage.name} ({stage.task})")
+        for key, value in stage.settings.items():
+            click.echo(f"  {stage.task}.{key:22s} = {value!r:12}  # {recipes.SETTINGS[key].help}")
+
+
+@main.command()
+@click.argument("recipe")
+@click.option("--preset", default="quick", show_default=True, help="quick (CPU, minutes) or paper (GPU).")
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False), default=None,
+    help="Folder with cifar10/ and imagenette/ image folders [default: $KERASROT_DATA_DIR, else download with tfds].",
+)
+@click.option(
+    "--workdir", type=click.Path(file_okay=False), default=None,
+    help=f"Checkpoints and stage cache [default: $KERASROT_WORKDIR or {DEFAULT_WORKDIR}].",
+)
+@click.option("--results", type=click.Path(file_okay=False), default="results", show_default=True,
+              help="Where results/<recipe>/<preset>/ go.")
+@click.option("--pipeline", type=click.Choice(["tfdata", "memory"]), default=None,
+              help="Input pipeline [default: tfdata if TensorFlow is installed, else memory].")
+@click.option("--set", "overrides", multiple=True, metavar="TASK.KEY=VALUE",
+              help="Override a setting, e.g. --set rotation.epochs=3 (see `kerasrot show`).")
+@_friendly_errors
+def run(recipe, preset, data_dir, workdir, results, pipeline, overrides):
+    """Train and evaluate every stage of RECIPE, then write its results."""
+    from kerasrot import backend, data, recipes, reporting, runner
+
+    started = time.perf_counter()
+    loaded = recipes.load(recipe, preset, recipes.parse_overrides(overrides))
+    data_dir = data_dir or data.default_data_dir()
+    if data_dir and not Path(data_dir).is_dir():
+        raise Failure(f"error: --data-dir {data_dir} does not exist (see README, 'Data')")
+    workdir = Path(workdir or os.environ.get("KERASROT_WORKDIR") or DEFAULT_WORKDIR).expanduser()
+    out = reporting.results_dir(results, loaded.name, preset, backend.name())
+    _check_writable(out)
+    _check_writable(workdir)
+
+    click.echo(f"kerasrot run {loaded.name} --preset {preset}: backend {backend.name()}, "
+               f"{backend.device_description()}, workdir {workdir}, results {out}")
+    options = runner.RunOptions(data_dir=data_dir, workdir=workdir, pipeline=pipeline, log=click.echo)
+    stage_results = runner.run_recipe(loaded, options)
+
+    settings = [s.settings for s in loaded.stages]
+    sources = sorted({r["data_source"] for r in stage_results.values()})
+    prov = reporting.provenance(
+        _command_line(), backend.name(), backend.device_description(), "; ".join(sources),
+        time.perf_counter() - started, settings,
+    )
+    metrics = reporting.build_metrics(loaded, stage_results, prov)
+    reporting.write_report(metrics, out)
+    click.echo(f"\n{reporting.markdown_table(metrics)}")
+    click.echo(f"results written to {out}/ (metrics.json, table.md, history.csv, curves.png)")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder with cifar10/ and imagenette/ image folders [default: $KERASROT_DATA_DIR].")
+@click.option("--dataset", type=click.Choice(["cifar10", "imagenette"]), default=None,
+              help="Test set [default: the one the checkpoint was trained on].")
+@click.option("--test-images-per-class", default=None,
+              help="Test images per class, or 'all' [default: as recorded beside the checkpoint, else all].")
+@click.option("--pipeline", type=click.Choice(["tfdata", "memory"]), default=None)
+@_friendly_errors
+def evaluate(checkpoint, data_dir, dataset, test_images_per_class, pipeline):
+    """Accuracy of a saved .keras model on the test set of its task."""
+    from kerasrot import evaluation
+
+    report = evaluation.evaluate_checkpoint(
+        checkpoint, data_dir or _default_data_dir(), dataset, test_images_per_class, pipeline
+    )
+    click.echo(report)
+
+
+@main.command()
+@click.argument("recipe")
+@click.option("--preset", default="quick", show_default=True)
+@click.option("--results", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option("--backend", "backend_name", type=click.Choice(BACKENDS), default=None,
+              help="Which backend's results [default: the current KERAS_BACKEND].")
+@_friendly_errors
+def report(recipe, preset, results, backend_name):
+    """Redraw table.md, history.csv and plots from results/RECIPE/PRESET/metrics.json."""
+    from kerasrot import reporting
+
+    directory = reporting.results_dir(results, recipe, preset, backend_name or os.environ["KERAS_BACKEND"])
+    if not (directory / "metrics.json").exists():
+        raise Failure(f"error: no {directory}/metrics.json; run `kerasrot run {recipe} --preset {preset}` first")
+    metrics = reporting.render(directory)
+    click.echo(reporting.markdown_table(metrics))
+
+
+def _default_data_dir():
+    from kerasrot import data
+
+    return data.default_data_dir()
+
+
+def _check_writable(directory):
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".kerasrot-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise Failure(f"error: cannot write to {directory} ({error.strerror}); choose another folder") from None
+
+
+def _command_line():
+    backend = os.environ.get("KERAS_BACKEND", "torch")
+    prefix = "" if backend == "torch" else f"KERAS_BACKEND={backend} "
+    return prefix + "kerasrot " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Evaluation: the accuracy of a saved `.keras` model, under any backend.
+
+The task is read off the model: 4 outputs predict rotations, otherwise it
+classifies. The dataset comes from the model's name (`resnet18_rotation_cifar10`)
+and the test subset from the `result.json` that the runner writes beside
+every model it trains, so `kerasrot evaluate model.keras` re-measures the
+recorded number, on whichever backend `KERAS_BACKEND` names.
+"""
+
+import json
+import zipfile
+from pathlib import Path
+
+import keras
+
+from kerasrot import backend, data
+from kerasrot.data import DataError
+from kerasrot.pipeline import NUM_ROTATIONS, Batches, default_pipeline
+from kerasrot.training import accuracy
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"checkpoint {path} does not exist")
+    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not a .keras model file (corrupt or of another kind)")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001 - Keras raises many kinds here
+        raise DataError(f"cannot load {path}: {type(error).__name__}: {str(error)[:200]}") from None
+
+
+def evaluate_checkpoint(path, data_dir, dataset=None, test_images_per_class=None, pipeline=None):
+    """Evaluates the checkpoint at `path` and returns a one-paragraph report."""
+    model = load_checkpoint(path)
+    recorded = _recorded_result(path)
+    outputs = model.output_shape[-1]
+    task = "rotation" if outputs == NUM_ROTATIONS else "classify"
+    dataset = dataset or recorded.get("settings", {}).get("dataset") or _dataset_from_name(model.name)
+    info = data.dataset_info(dataset)
+    if task == "classify" and outputs != info.num_classes:
+        raise DataError(f"{path} predicts {outputs} classes, {dataset} has {info.num_classes}: not a {dataset} model")
+    image_size = model.input_shape[1]
+    if model.input_shape[1:] != (image_size, image_size, 3):
+        raise DataError(f"{path} takes inputs of shape {model.input_shape[1:]}, not square RGB images")
+
+    per_class = _per_class(test_images_per_class, recorded)
+    seed = recorded.get("settings", {}).get("seed", 0)
+    pipeline = pipeline or default_pipeline()
+    reader = "tfds" if pipeline == "tfdata" else "pillow"
+    test = data.load_split(dataset, "test", image_size, data_dir, reader)
+    test = test.subset(data.balanced_subset(test.labels, per_class, seed))
+    batches = Batches(test.images, test.labels, batch_size=256, rotations=task == "rotation", pipeline=pipeline)
+    measured = accuracy(model, batches)
+
+    what = "rotated test images (4 per image)" if task == "rotation" else "test images"
+    lines = [
+        f"accuracy {measured:.2f}% on {batches.num_samples} {what} of {dataset} "
+        f"({task}; backend {backend.name()}, {backend.device_description()})"
+    ]
+    if "accuracy" in recorded:
+        backend_then = recorded.get("backend", "torch")
+        lines.append(f"recorded when trained: {recorded['accuracy']:.2f}% (backend {backend_then})")
+    return "\n".join(lines)
+
+
+def _recorded_result(path):
+    result = Path(path).with_name("result.json")
+    if not result.exists():
+        return {}
+    try:
+        return json.loads(result.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _dataset_from_name(name):
+    for dataset in data.DATASETS:
+        if name.endswith(f"_{dataset}"):
+            return dataset
+    return "cifar10"
+
+
+def _per_class(text, recorded):
+    if text is None:
+        return recorded.get("settings", {}).get("test_images_per_class")
+    if str(text).lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise DataError(f"--test-images-per-class must be a positive number or 'all', got {text!r}") from None
+    if value < 1:
+        raise DataError(f"--test-images-per-class must be a positive number or 'all', got {text!r}")
+    return value

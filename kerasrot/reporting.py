@@ -1,0 +1,232 @@
+"""Reporting: metrics.json, table.md, history.csv and plots for a recipe run.
+
+`metrics.json` holds every number and how it was made (`provenance`);
+everything else in `results/<recipe>/<preset>/` is rendered from it, so
+`kerasrot report RECIPE` can redraw tables and plots without training.
+"""
+
+import csv
+import io
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from kerasrot import files
+
+PACKAGES = ("keras", "torch", "jax", "tensorflow", "tensorflow-cpu", "tensorflow-datasets", "numpy")
+HISTORY_FIELDS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
+
+
+def results_dir(root, recipe, preset, backend_name):
+    """`ROOT/<recipe>/<preset>/`, with `-<backend>` added for backends other than torch."""
+    suffix = "" if backend_name == "torch" else f"-{backend_name}"
+    return Path(root) / recipe / f"{preset}{suffix}"
+
+
+def git_commit():
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("-dirty" if dirty else "")
+
+
+def package_versions():
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def provenance(command, backend_name, device, data_source, wall_seconds, settings):
+    return {
+        "command": command,
+        "backend": backend_name,
+        "device": device,
+        "data": data_source,
+        "commit": git_commit(),
+        "packages": package_versions(),
+        "wall_seconds": round(wall_seconds, 1),
+        "pipeline": sorted({s["pipeline"] for s in settings}),
+        "precision": sorted({s["precision"] for s in settings}),
+        "data_format": sorted({s["data_format"] for s in settings}),
+        "platform": f"{platform.system()} {platform.machine()}, {sys.implementation.name}",
+    }
+
+
+def build_metrics(recipe, results, prov):
+    return {
+        "recipe": recipe.name,
+        "preset": recipe.preset,
+        "title": recipe.title,
+        "reproduces": recipe.reproduces,
+        "notes": recipe.notes,
+        "accuracy": {name: r["accuracy"] for name, r in results.items()},
+        "reference": recipe.reference,
+        "stages": {
+            name: {k: v for k, v in r.items() if k != "name"} for name, r in results.items()
+        },
+        "provenance": prov,
+    }
+
+
+def markdown_table(metrics):
+    """Our accuracy beside the references (reports A and B, or the paper's figure)."""
+    columns = sorted({col for ref in metrics["reference"].values() for col in ref})
+    header = ["quantity", "ours", *[_column_title(c) for c in columns], "train images", "epochs"]
+    lines = [
+        f"# {metrics['recipe']} ({metrics['preset']}): {metrics['title']}",
+        "",
+        metrics["reproduces"],
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for name, ours in metrics["accuracy"].items():
+        stage = metrics["stages"][name]
+        ref = metrics["reference"].get(name, {})
+        cells = [name, f"{ours:.2f}", *[_fmt(ref.get(c)) for c in columns]]
+        cells += [str(stage.get("train_images", "")), str(stage["settings"]["epochs"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    p = metrics["provenance"]
+    lines += [
+        "",
+        "Test accuracy in percent"
+        + (" (rotation rows: over the four rotations of every test image)." if any(
+            s["task"] == "rotation" for s in metrics["stages"].values()) else "."),
+        f"Test samples per row: {', '.join(sorted({str(s['test_samples']) for s in metrics['stages'].values()}))}.",
+    ]
+    if metrics.get("notes"):
+        lines += ["", metrics["notes"]]
+    lines += [
+        "",
+        f"Made by `{p['command']}` on {p['device']}, backend {p['backend']} "
+        f"(precision {', '.join(p['precision'])}, data format {', '.join(p['data_format'])}), "
+        f"data: {p['data']}, commit {p['commit']}, {p['wall_seconds'] / 60:.1f} min.",
+    ]
+    if "image folder" in p["data"]:
+        lines.append(
+            "Data caveat: the offline CIFAR-10 copy is the JPEG export (quality 75) of the dataset; "
+            "the offline ImageNette copy is resized to 96x96. Accuracies can differ slightly from the originals."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _column_title(column):
+    return {"A": "report A", "B": "report B", "paper": "paper (Fig. 5b, NIN)"}.get(column, column)
+
+
+def _fmt(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
+def history_csv(metrics):
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for name, stage in metrics["stages"].items():
+        for record in stage["history"]:
+            writer.writerow({"stage": name, **record})
+    return out.getvalue()
+
+
+def plot_curves(metrics, path):
+    """Test accuracy per epoch of every stage: rotation stages left, classification right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in ("rotation", "classify") if any(s["task"] == t for s in metrics["stages"].values())]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for name, stage in metrics["stages"].items():
+            if stage["task"] != task or not stage["history"]:
+                continue
+            epochs = [r["epoch"] for r in stage["history"]]
+            ax.plot(epochs, [100 * r.get("val_accuracy", 0) for r in stage["history"]], marker="o", label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("rotation prediction" if task == "rotation" else "CIFAR-10 classification")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{metrics['recipe']} ({metrics['preset']})")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_figure1(metrics, path):
+    """Accuracy vs labelled images per class (log x axis), both inits and the paper's trend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for init, style in (("rotation_init", "o-"), ("random_init", "s-")):
+        points = sorted(
+            (int(name.split(".")[1]), acc)
+            for name, acc in metrics["accuracy"].items()
+            if name.startswith("figure1.") and name.endswith(init)
+        )
+        if points:
+            ax.plot(*zip(*points), style, label=f"ours, {init.replace('_', ' ')}")
+        ref = sorted(
+            (int(name.split(".")[1]), r["paper"])
+            for name, r in metrics["reference"].items()
+            if name.endswith(init) and "paper" in r
+        )
+        if ref:
+            ax.plot(*zip(*ref), style, alpha=0.35, label=f"paper trend (NIN), {init.replace('_', ' ')}")
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel("CIFAR-10 test accuracy (%)")
+    ax.set_title(f"figure1 ({metrics['preset']}): rotation weights vs random weights")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path):
+    import matplotlib.pyplot as plt
+
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(metrics, directory):
+    """Writes metrics.json, table.md, history.csv and the plots into `directory`."""
+    directory = Path(directory)
+    files.write_json(directory / "metrics.json", metrics)
+    render(directory)
+
+
+def render(directory):
+    """(Re)draws table.md, history.csv and the PNGs from `directory/metrics.json`."""
+    directory = Path(directory)
+    metrics = files.read_json(directory / "metrics.json")
+    files.write_text(directory / "table.md", markdown_table(metrics))
+    files.write_text(directory / "history.csv", history_csv(metrics))
+    plot_curves(metrics, directory / "curves.png")
+    if metrics["recipe"] == "figure1":
+        plot_figure1(metrics, directory / "figure1.png")
+    return metrics
+
+
+def summary(metrics):
+    return json.dumps(metrics["accuracy"], indent=2)
