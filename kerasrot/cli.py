@@ -121,7 +121,7 @@ def show(recipe, preset, overrides):
 @click.option("--results", type=click.Path(file_okay=False), default="results", show_default=True,
               help="Where results/<recipe>/<preset>/ go.")
 @click.option("--pipeline", type=click.Choice(["tfdata", "memory"]), default=None,
-              help="Input pipeline [default: tfdata if TensorFlow is installed, else memory].")
+              help="Input pipeline [default: memory; both make the same batches].")
 @click.option("--set", "overrides", multiple=True, metavar="TASK.KEY=VALUE",
               help="Override a setting, e.g. --set rotation.epochs=3 (see `kerasrot show`).")
 @_friendly_errors

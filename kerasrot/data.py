@@ -7,9 +7,9 @@ work from there. Three ways in:
 * `tfds.load(name)`: downloads and prepares the dataset (needs internet);
   used when no data directory is given.
 * `DATA_DIR/<dataset>/<split>/<class>/*.jpg|png` read by
-  `tfds.folder_dataset.ImageFolder` (`--pipeline tfdata`), offline.
-* the same folders read with Pillow (`--pipeline memory`), with no
-  TensorFlow at all, for machines that do not have it.
+  `tfds.folder_dataset.ImageFolder`, offline.
+* the same folders read with Pillow where TensorFlow is not installed
+  (the lent GPU machines have none).
 
 Whatever reads them, images come out in one canonical order (sorted file
 paths), converted to RGB (grayscale and PNG work) and resized to the
@@ -80,8 +80,17 @@ def default_data_dir():
     return os.environ.get("KERASROT_DATA_DIR") or None
 
 
+def default_reader():
+    """`tfds` (ImageFolder) where TensorFlow is installed, else `pillow`."""
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError:
+        return "pillow"
+    return "tfds"
+
+
 @functools.lru_cache(maxsize=8)
-def load_split(dataset, split, image_size, data_dir=None, reader="pillow"):
+def load_split(dataset, split, image_size, data_dir=None, reader="auto"):
     """Reads a whole split into memory (memoised: stages of a run share it).
 
     Args:
@@ -90,9 +99,10 @@ def load_split(dataset, split, image_size, data_dir=None, reader="pillow"):
         image_size: images are resized to `image_size x image_size`.
         data_dir: folder holding `<dataset>/<split>/<class>/` image folders;
             None downloads with `tfds.load`.
-        reader: "pillow" or "tfds", for image folders.
+        reader: "pillow", "tfds" or "auto" (`default_reader()`), for image folders.
     """
     info = dataset_info(dataset)
+    reader = default_reader() if reader == "auto" else reader
     if data_dir is None:
         return _read_with_tfds_load(info, split, image_size)
     root = Path(data_dir).expanduser() / info.name

@@ -48,8 +48,7 @@ def evaluate_checkpoint(path, data_dir, dataset=None, test_images_per_class=None
     per_class = _per_class(test_images_per_class, recorded)
     seed = recorded.get("settings", {}).get("seed", 0)
     pipeline = pipeline or default_pipeline()
-    reader = "tfds" if pipeline == "tfdata" else "pillow"
-    test = data.load_split(dataset, "test", image_size, data_dir, reader)
+    test = data.load_split(dataset, "test", image_size, data_dir)
     test = test.subset(data.balanced_subset(test.labels, per_class, seed))
     batches = Batches(test.images, test.labels, batch_size=256, rotations=task == "rotation", pipeline=pipeline)
     measured = accuracy(model, batches)

@@ -84,7 +84,7 @@ SETTINGS = {
     "data_format": Setting(str, "layout inside the network", DATA_FORMATS),
     "precision": Setting(str, "compute precision", PRECISIONS),
     "jit_compile": Setting(bool, "compile the train step (torch.compile / XLA)"),
-    "pipeline": Setting(str, "input pipeline (\"auto\": tfdata if TensorFlow is installed)", ("auto", *PIPELINES)),
+    "pipeline": Setting(str, "input pipeline (\"auto\": memory, see kerasrot.pipeline)", ("auto", *PIPELINES)),
     # stage wiring (set in recipes, not usually overridden)
     "init": Setting(str, "classify: \"random\" or the name of an earlier rotation stage"),
     "trainable": Setting(str, "classify: blocks that train", tuple(TRAINABLE_CHOICES)),

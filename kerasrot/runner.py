@@ -12,6 +12,7 @@ another recipe with the same rotation stage finds it done and reuses it.
 """
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def resolve_stages(recipe, options):
             s["pipeline"] = options.pipeline
         if s["pipeline"] == "auto":
             s["pipeline"] = default_pipeline()
+        if s["verbose"] == 1 and not sys.stdout.isatty():
+            s["verbose"] = 2  # a progress bar in a log file is one line per step
     data_source = str(Path(options.data_dir).resolve()) if options.data_dir else "tfds"
     key_stages(recipe.stages, context={"data": data_source, "backend": backend.name()})
 
@@ -58,10 +61,9 @@ def model_spec(settings, num_classes):
 
 def load_data(settings, options):
     """Train and test `Split`s of the stage's dataset, subset as its settings say."""
-    reader = "tfds" if settings["pipeline"] == "tfdata" else "pillow"
     splits = []
     for split, per_class in (("train", settings["images_per_class"]), ("test", settings["test_images_per_class"])):
-        whole = data.load_split(settings["dataset"], split, settings["image_size"], options.data_dir, reader)
+        whole = data.load_split(settings["dataset"], split, settings["image_size"], options.data_dir)
         splits.append(whole.subset(data.balanced_subset(whole.labels, per_class, settings["seed"])))
     return splits
 
@@ -198,6 +200,7 @@ def run_recipe(recipe, options):
         for index, stage in enumerate(recipe.stages, start=1):
             done = stage_dir(options.workdir, stage) / "result.json"
             if done.exists():
+                training.remove_checkpoints(done.parent / "checkpoints")  # killed while tidying up
                 results[stage.name] = {**files.read_json(done), "name": stage.name, "cached": True}
                 tracker.skip(stage)
                 options.log(
