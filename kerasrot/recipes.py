@@ -10,6 +10,7 @@ stage is one training run:
     init = "rotation"                  # weights of that earlier stage, or "random"
     trainable = "last_block"           # "all", "last_block" or "head"
     model = "resnet18"                 # any setting below, for this stage only
+    quick = { epochs = 3 }             # ... and for this stage in one preset only
 
 Hyperparameters come from `recipes/presets.toml`, one table per preset
 (`quick`, `paper`) and task (`rotation`, `classify`); a recipe may change
@@ -213,8 +214,9 @@ def load(name, preset="quick", overrides=None):
         if task not in TASKS:
             raise RecipeError(f"{path}: stage {stage_name!r} has unknown task {task!r}")
         repeat = entry.pop("repeat_for", None)
+        per_preset = {p: entry.pop(p, {}) for p in PRESETS}
         # Stage-level settings sit between the preset and the user's --set.
-        settings = {**groups[task], **entry, **overrides.get(task, {})}
+        settings = {**groups[task], **entry, **per_preset[preset], **overrides.get(task, {})}
         for value in sweep if repeat == SWEEP_KEY else [None]:
             stage_settings = dict(settings)
             if value is not None:
