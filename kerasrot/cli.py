@@ -29,6 +29,7 @@ class Failure(click.ClickException):
 def _check_backend():
     name = os.environ.get("KERAS_BACKEND", "torch")
     os.environ.setdefault("KERAS_BACKEND", "torch")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     if name not in BACKENDS:
         raise Failure(f"KERAS_BACKEND={name!r} is not supported; use one of {', '.join(BACKENDS)}")
 

@@ -54,10 +54,13 @@ def crop_and_flip(images, offsets, flips):
     """
     height, width = images.shape[1], images.shape[2]
     p = CROP_PADDING
-    padded = ops.pad(images, [[0, 0], [p, p], [p, p], [0, 0]])
-    dy, dx = offsets[:, 0], offsets[:, 1]
-    pick_rows = ops.one_hot(dy[:, None] + ops.arange(height)[None, :], height + 2 * p)
-    pick_cols = ops.one_hot(dx[:, None] + ops.arange(width)[None, :], width + 2 * p)
+    padded = ops.pad(ops.convert_to_tensor(images), [[0, 0], [p, p], [p, p], [0, 0]])
+    offsets = ops.convert_to_tensor(offsets, dtype="int32")
+    flips = ops.convert_to_tensor(flips, dtype="bool")
+    rows = ops.add(offsets[:, :1], ops.arange(height, dtype="int32")[None, :])
+    cols = ops.add(offsets[:, 1:], ops.arange(width, dtype="int32")[None, :])
+    pick_rows = ops.one_hot(rows, height + 2 * p)
+    pick_cols = ops.one_hot(cols, width + 2 * p)
     cropped = ops.einsum("bhi,biwc->bhwc", pick_rows, padded)
     cropped = ops.einsum("bwj,bhjc->bhwc", pick_cols, cropped)
     return ops.where(flips[:, None, None, None], ops.flip(cropped, axis=2), cropped)

@@ -1,0 +1,191 @@
+"""The command line as a user meets it: a tiny run end to end, and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from kerasrot.cli import main
+
+TINY = [
+    "--set", "rotation.images_per_class=3", "--set", "rotation.test_images_per_class=2",
+    "--set", "rotation.epochs=1", "--set", "rotation.batch_size=8",
+    "--set", "classify.images_per_class=3", "--set", "classify.test_images_per_class=2",
+    "--set", "classify.epochs=2", "--set", "classify.batch_size=8",
+]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def table2_run(data_root, tmp_path_factory):
+    """One tiny `kerasrot run table2` shared by the tests that read its outputs."""
+    root = tmp_path_factory.mktemp("run")
+    result = invoke("run", "table2", "--data-dir", data_root, "--workdir", root / "work",
+                    "--results", root / "results", *TINY)
+    assert result.exit_code == 0, result.output
+    return root, result
+
+
+def results_of(root):
+    import keras
+
+    suffix = "" if keras.backend.backend() == "torch" else f"-{keras.backend.backend()}"
+    return root / "results" / "table2" / f"quick{suffix}"
+
+
+def test_list_names_every_recipe():
+    result = invoke("list")
+    assert result.exit_code == 0
+    for name in ("table1", "table2", "table3", "table4", "figure1", "imagenette"):
+        assert name in result.output
+
+
+def test_run_writes_metrics_table_history_and_plots(table2_run):
+    root, result = table2_run
+    out = results_of(root)
+    for name in ("metrics.json", "table.md", "history.csv", "curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["accuracy"]) == {"rotation", "last_block.rotation_init", "last_block.random_init"}
+    for key in ("command", "backend", "device", "data", "commit", "packages", "wall_seconds"):
+        assert metrics["provenance"][key], key
+    assert [r["epoch"] for r in metrics["stages"]["last_block.random_init"]["history"]] == [1, 2]
+    assert "[stage 3/3]" in result.output and "report B" in (out / "table.md").read_text()
+
+
+def test_second_run_and_other_recipes_reuse_finished_stages(table2_run, data_root):
+    root, _ = table2_run
+    again = invoke("run", "table3", "--data-dir", data_root, "--workdir", root / "work",
+                   "--results", root / "results", *TINY)
+    assert again.exit_code == 0, again.output
+    assert "[stage 1/3] rotation: done before" in again.output
+
+
+def test_evaluate_reproduces_the_recorded_accuracy(table2_run, data_root):
+    root, _ = table2_run
+    metrics = json.loads((results_of(root) / "metrics.json").read_text())
+    stage = metrics["stages"]["last_block.rotation_init"]
+    result = invoke("evaluate", stage["checkpoint"], "--data-dir", data_root)
+    assert result.exit_code == 0, result.output
+    assert f"accuracy {stage['accuracy']:.2f}%" in result.output
+
+
+def test_report_redraws_from_metrics(table2_run):
+    root, _ = table2_run
+    out = results_of(root)
+    (out / "table.md").unlink()
+    import keras
+
+    result = invoke("report", "table2", "--results", root / "results", "--backend", keras.backend.backend())
+    assert result.exit_code == 0, result.output
+    assert (out / "table.md").exists()
+
+
+def test_failing_run_leaves_earlier_results_untouched(table2_run, tmp_path):
+    root, _ = table2_run
+    before = (results_of(root) / "metrics.json").read_bytes()
+    result = invoke("run", "table2", "--data-dir", tmp_path / "empty", "--workdir", root / "work",
+                    "--results", root / "results", *TINY)
+    assert result.exit_code != 0
+    assert (results_of(root) / "metrics.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "table9"], "unknown recipe 'table9'"),
+        (["run", "table2", "--preset", "fast"], "unknown preset 'fast'"),
+        (["run", "table2", "--set", "rotation.epochz=3"], "unknown setting 'epochz'"),
+        (["run", "table2", "--set", "rotation.epochs=three"], "expected int"),
+        (["run", "table2", "--set", "rotation.epochs=-2"], "at least 1"),
+        (["run", "table2", "--set", "classify.batch_size=0"], "at least 1"),
+        (["run", "table2", "--data-dir", "/nonexistent/data"], "does not exist"),
+        (["evaluate", "/nonexistent/model.keras"], "does not exist"),
+        (["report", "table2", "--results", "/nonexistent/results"], "no /nonexistent/results"),
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(args, message):
+    result = invoke(*args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def _tiny_run(data_dir, root, *extra):
+    return invoke("run", "table1", "--data-dir", data_dir, "--workdir", root / "work",
+                  "--results", root / "results", *TINY, *extra)
+
+
+def test_bad_data_folders_get_clear_errors(tmp_path):
+    from tests.conftest import write_image_folders
+
+    write_image_folders(tmp_path / "a", "cifar10", ["train"], 3, 32)
+    result = _tiny_run(tmp_path / "a", tmp_path)
+    assert result.exit_code == 1 and "no folder" in result.output and "cifar10/test" in result.output
+
+    write_image_folders(tmp_path / "b", "cifar10", ["train", "test"], 3, 32, suffix=".jpg")
+    for f in (tmp_path / "b/cifar10/test/class5").iterdir():
+        f.unlink()
+    result = _tiny_run(tmp_path / "b", tmp_path)
+    assert result.exit_code == 1 and "class5 holds no" in result.output
+
+    write_image_folders(tmp_path / "c", "cifar10", ["train", "test"], 3, 32, suffix=".jpg")
+    (tmp_path / "c/cifar10/train/class1/001.jpg").write_bytes(b"not an image")
+    result = _tiny_run(tmp_path / "c", tmp_path)
+    assert result.exit_code == 1 and "001.jpg" in result.output and "Traceback" not in result.output
+
+
+def test_unwritable_results_folder_is_a_clear_error(tmp_path, data_root):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where a folder should be")
+    result = invoke("run", "table1", "--data-dir", data_root, "--workdir", tmp_path / "w", "--results", blocker, *TINY)
+    assert result.exit_code == 1 and "cannot write to" in result.output
+
+
+def test_corrupt_checkpoint_and_wrong_task_are_clear_errors(tmp_path, table2_run, data_root):
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"PK not really a zip")
+    result = invoke("evaluate", bad, "--data-dir", data_root)
+    assert result.exit_code == 1 and "not a .keras model file" in result.output
+
+    root, _ = table2_run
+    metrics = json.loads((results_of(root) / "metrics.json").read_text())
+    classifier = metrics["stages"]["last_block.random_init"]["checkpoint"]
+    result = invoke("evaluate", classifier, "--data-dir", data_root, "--dataset", "imagenette")
+    assert result.exit_code == 0  # 10 classes either way: allowed, and says which test set
+    assert "of imagenette" in result.output
+
+
+def test_full_disk_mid_run_is_a_clear_error(tmp_path, data_root, monkeypatch):
+    import errno
+
+    from kerasrot import files
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "save_model", full)
+    result = _tiny_run(data_root, tmp_path)
+    assert result.exit_code == 1 and "disk is full" in result.output
+
+
+def test_second_run_on_the_same_workdir_is_refused(tmp_path, data_root):
+    from kerasrot import files
+
+    with files.workdir_lock(tmp_path / "work"):
+        result = _tiny_run(data_root, tmp_path)
+    assert result.exit_code == 1 and "another kerasrot run is using" in result.output
+
+
+def test_invalid_backend_is_one_line_without_traceback():
+    env = {**os.environ, "KERAS_BACKEND": "bogus"}
+    done = subprocess.run([sys.executable, "-m", "kerasrot.cli", "list"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "KERAS_BACKEND='bogus' is not supported" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
