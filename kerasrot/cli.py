@@ -20,10 +20,10 @@ DEFAULT_WORKDIR = Path("~/.cache/kerasrot").expanduser()
 
 
 class Failure(click.ClickException):
-    """One line to stderr, exit status 1."""
+    """One line to stderr (the message as it is, no "Error:" prefix), exit status 1."""
 
-    def format_message(self):
-        return self.message
+    def show(self, file=None):
+        click.echo(self.message, err=True)
 
 
 def _check_backend():
@@ -31,7 +31,7 @@ def _check_backend():
     os.environ.setdefault("KERAS_BACKEND", "torch")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     if name not in BACKENDS:
-        raise Failure(f"KERAS_BACKEND={name!r} is not supported; use one of {', '.join(BACKENDS)}")
+        raise Failure(f"error: KERAS_BACKEND={name!r} is not supported; use one of {', '.join(BACKENDS)}")
 
 
 def _friendly_errors(function):
@@ -131,6 +131,7 @@ def run(recipe, preset, data_dir, workdir, results, pipeline, overrides):
     from kerasrot import backend, data, recipes, reporting, runner
 
     started = time.perf_counter()
+    commit = reporting.git_commit()  # the code that runs, even if the tree changes meanwhile
     loaded = recipes.load(recipe, preset, recipes.parse_overrides(overrides))
     data_dir = data_dir or data.default_data_dir()
     if data_dir and not Path(data_dir).is_dir():
@@ -149,7 +150,7 @@ def run(recipe, preset, data_dir, workdir, results, pipeline, overrides):
     sources = sorted({r["data_source"] for r in stage_results.values()})
     prov = reporting.provenance(
         _command_line(), backend.name(), backend.device_description(), "; ".join(sources),
-        time.perf_counter() - started, settings,
+        time.perf_counter() - started, settings, commit,
     )
     metrics = reporting.build_metrics(loaded, stage_results, prov)
     reporting.write_report(metrics, out)

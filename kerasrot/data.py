@@ -181,7 +181,7 @@ def _decode_with_tfds(root, split_folder, files, image_size):
         for images, names in tfds.as_numpy(dataset.batch(1024)):
             for image, name in zip(images, names):
                 by_name[name.decode()] = image
-    except tf.errors.InvalidArgumentError:
+    except tf.errors.OpError:
         bad = _first_unreadable(files)
         raise DataError(
             f"cannot read image {bad}; delete or replace it" if bad else

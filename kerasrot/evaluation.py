@@ -50,7 +50,8 @@ def evaluate_checkpoint(path, data_dir, dataset=None, test_images_per_class=None
     pipeline = pipeline or default_pipeline()
     test = data.load_split(dataset, "test", image_size, data_dir)
     test = test.subset(data.balanced_subset(test.labels, per_class, seed))
-    batches = Batches(test.images, test.labels, batch_size=256, rotations=task == "rotation", pipeline=pipeline)
+    batch_size = recorded.get("settings", {}).get("batch_size", 256)  # as when recorded: same sums
+    batches = Batches(test.images, test.labels, batch_size, rotations=task == "rotation", pipeline=pipeline)
     measured = accuracy(model, batches)
 
     what = "rotated test images (4 per image)" if task == "rotation" else "test images"

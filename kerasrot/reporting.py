@@ -32,8 +32,10 @@ def git_commit():
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
         ).stdout.strip()
+        # Results depend on the package and the recipes only: changes elsewhere
+        # (tests, benchmarks, docs) do not make a result irreproducible.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--", ":/kerasrot", ":/recipes"],
             cwd=here, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -51,13 +53,13 @@ def package_versions():
     return versions
 
 
-def provenance(command, backend_name, device, data_source, wall_seconds, settings):
+def provenance(command, backend_name, device, data_source, wall_seconds, settings, commit):
     return {
         "command": command,
         "backend": backend_name,
         "device": device,
         "data": data_source,
-        "commit": git_commit(),
+        "commit": commit,
         "packages": package_versions(),
         "wall_seconds": round(wall_seconds, 1),
         "pipeline": sorted({s["pipeline"] for s in settings}),

@@ -167,6 +167,10 @@ def fit_and_evaluate(model, train, test, settings, checkpoint_dir, callbacks=(),
             train,
             epochs=settings["epochs"],
             initial_epoch=start,
+            # The plan of `train` orders the images from (seed, epoch); Keras'
+            # default shuffles the batch order with Python's global `random`,
+            # which a resumed run cannot repeat (and tf.data would restart).
+            shuffle=False,
             validation_data=test,
             callbacks=[EpochSetter(train), EpochCheckpoint(checkpoint_dir, history), *callbacks],
             verbose=settings["verbose"],

@@ -187,5 +187,34 @@ def test_invalid_backend_is_one_line_without_traceback():
     env = {**os.environ, "KERAS_BACKEND": "bogus"}
     done = subprocess.run([sys.executable, "-m", "kerasrot.cli", "list"], env=env, capture_output=True, text=True)
     assert done.returncode == 1
-    assert "KERAS_BACKEND='bogus' is not supported" in done.stderr
+    assert "error: KERAS_BACKEND='bogus' is not supported" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_kill_9_mid_run_then_the_same_command_resumes_without_losing_or_repeating_epochs(tmp_path, data_root):
+    import signal
+    import time
+
+    command = [
+        sys.executable, "-m", "kerasrot.cli", "run", "table1", "--data-dir", str(data_root),
+        "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
+        *TINY, "--set", "rotation.epochs=4", "--set", "rotation.images_per_class=6",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "work").glob("stages/*/checkpoints/state.json")):
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    state = json.loads(next((tmp_path / "work").glob("stages/*/checkpoints/state.json")).read_text())
+    assert 1 <= state["epoch"] < 4
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"resuming from the checkpoint of epoch {state['epoch']}/4" in second.stdout
+    import keras
+
+    suffix = "" if keras.backend.backend() == "torch" else f"-{keras.backend.backend()}"
+    metrics = json.loads((tmp_path / "results" / "table1" / f"quick{suffix}" / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["stages"]["rotation"]["history"]] == [1, 2, 3, 4]
