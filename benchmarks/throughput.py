@@ -1,0 +1,552 @@
+"""Throughput of kerasrot's input pipeline and training step, against plain PyTorch.
+
+Run by hand, on whatever device is there (a CUDA GPU is picked when present):
+
+    python benchmarks/throughput.py --quick
+    python benchmarks/throughput.py --networks resnet18-cifar --variants cl,cf,cf+fbn
+    KERAS_BACKEND=jax python benchmarks/throughput.py --skip-pipeline
+
+It prints one Markdown table:
+
+1. the input pipeline alone: batches per second of B images, each padded by 4,
+   randomly cropped back and randomly flipped, then expanded to its 4 exact
+   rot90 copies (4B samples, labels 0-3), from a synthetic uint8 CIFAR-10-like
+   array (50000, 32, 32, 3); an in-memory NumPy/keras.ops batcher and tf.data;
+2. training samples/s (rotated samples, 4B per step) of `kerasrot.models`
+   networks compiled as RotNet trains them (SGD, Nesterov momentum 0.9, sparse
+   categorical cross-entropy from logits), one `train_on_batch` (or `fit`) step;
+3. the same network, batch and precision in plain PyTorch
+   (`torch_reference.py`): fp32, and bf16 under `torch.autocast` where Keras
+   runs `mixed_bfloat16`;
+4. the ratio Keras/PyTorch, also printed as `ratio keras/pytorch: X.XX` lines.
+
+Keras variants (`--variants`, comma separated; tokens joined with `+`):
+    cl / cf   image_data_format channels_last / channels_first
+    fbn       BatchNormalization -> fused_batchnorm.FusedBatchNormalization
+              (torch.native_batch_norm on the torch backend)
+    jit       compile(jit_compile=True) (torch.compile on torch: minutes!)
+    fit       time model.fit(steps_per_epoch=--fit-steps) instead of train_on_batch
+    speN      steps_per_execution=N (implies fit)
+Every repeat times one step of every variant and of PyTorch in turn
+(interleaved), so load from other processes hits all of them alike; the
+numbers are medians over the repeats, after warm-up steps that are not timed.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # jax beside torch on a GPU
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+NETWORKS = {
+    "resnet18-imagenet": ("resnet18", "imagenet"),
+    "resnet18-cifar": ("resnet18", "cifar"),
+    "densenet121-imagenet": ("densenet121", "imagenet"),
+    "densenet121-cifar": ("densenet121", "cifar"),  # slow on a CPU
+}
+DEFAULT_NETWORKS = "resnet18-imagenet,resnet18-cifar,densenet121-imagenet"
+NUM_ROTATIONS = 4
+CROP_PADDING = 4
+CIFAR10_MEAN = (125.3, 123.0, 113.9)  # as kerasrot.models
+CIFAR10_STD = (63.0, 62.1, 66.7)
+
+
+# ---------------------------------------------------------------------------
+# Device and provenance
+# ---------------------------------------------------------------------------
+
+
+def torch_device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_line():
+    backend = keras.backend.backend()
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    if gpu is None and backend == "jax":
+        import jax
+
+        if jax.default_backend() == "gpu":
+            gpu = str(jax.devices()[0].device_kind)
+    if gpu is None and backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        gpu = gpus[0].name if gpus else None
+    cpu = f"{cpu_name()}, {os.cpu_count()} cores"
+    return f"GPU {gpu} (host: {cpu})" if gpu else f"CPU {cpu}"
+
+
+def versions_line():
+    parts = [f"backend {keras.backend.backend()}", f"keras {keras.__version__}"]
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    except ImportError:
+        parts.append("torch absent")
+    parts.append(f"python {platform.python_version()}")
+    return ", ".join(parts)
+
+
+def gpu():
+    return device_line().startswith("GPU")
+
+
+def sync():
+    """Waits for queued GPU work of the backend, so that timings are complete."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------
+# (1) Input pipeline
+# ---------------------------------------------------------------------------
+
+
+def synthetic_cifar(num_images=50000, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(num_images, 32, 32, 3), dtype=np.uint8)
+
+
+def _plan(num_images, batch_size, num_batches, rng):
+    """Image indices, crop offsets and flips for `num_batches` batches."""
+    n = batch_size * num_batches
+    order = np.concatenate(
+        [rng.permutation(num_images) for _ in range(-(-n // num_images))]
+    )[:n]
+    offsets = rng.integers(0, 2 * CROP_PADDING + 1, size=(n, 2))
+    flips = rng.random(n) < 0.5
+    return order, offsets, flips
+
+
+def _memory_batches(images, batch_size, num_batches, seed):
+    """NumPy gathers, crops, flips and rotates uint8; keras.ops casts on the device."""
+    rng = np.random.default_rng(seed)
+    order, offsets, flips = _plan(len(images), batch_size, num_batches, rng)
+    p = CROP_PADDING
+    h, w = images.shape[1:3]
+    for i in range(num_batches):
+        part = slice(i * batch_size, (i + 1) * batch_size)
+        x = images[order[part]]
+        x = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        rows = offsets[part, :1] + np.arange(h)[None, :]  # [B, H]
+        cols = offsets[part, 1:] + np.arange(w)[None, :]  # [B, W]
+        cols = np.where(flips[part, None], cols[:, ::-1], cols)
+        b = np.arange(len(x))[:, None, None]
+        x = x[b, rows[:, :, None], cols[:, None, :]]  # crop + flip in one gather
+        # Rotate while still uint8 (a quarter of the bytes of float32), then
+        # one transfer and one cast on the backend's device.
+        x = np.concatenate([np.rot90(x, k, axes=(1, 2)) for k in range(NUM_ROTATIONS)])
+        y = np.repeat(np.arange(NUM_ROTATIONS, dtype="int32"), len(rows))
+        yield ops.cast(ops.convert_to_tensor(x), "float32"), ops.convert_to_tensor(y)
+
+
+_TF_IMAGES = {}
+
+
+def _tfdata_batches(images, batch_size, num_batches, seed):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    order, offsets, flips = _plan(len(images), batch_size, num_batches, rng)
+    source = tf.data.Dataset.from_tensor_slices(
+        (order, offsets.astype("int32"), flips)
+    ).batch(batch_size)
+    key = (id(images), images.shape)
+    if key not in _TF_IMAGES:  # the 150 MB copy into TensorFlow, once per array
+        _TF_IMAGES.clear()
+        _TF_IMAGES[key] = tf.constant(images)
+    all_images = _TF_IMAGES[key]
+    h, w = images.shape[1:3]
+    p = CROP_PADDING
+
+    def make_batch(indices, offs, flip):
+        x = tf.cast(tf.gather(all_images, indices), tf.float32)
+        x = tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
+        rows = offs[:, :1] + tf.range(h)[None, :]
+        cols = offs[:, 1:] + tf.range(w)[None, :]
+        x = tf.gather(x, rows, axis=1, batch_dims=1)
+        x = tf.gather(x, cols, axis=2, batch_dims=1)
+        x = tf.where(flip[:, None, None, None], tf.reverse(x, axis=[2]), x)
+        rotated = [tf.image.rot90(x, k) for k in range(NUM_ROTATIONS)]
+        y = tf.repeat(tf.range(NUM_ROTATIONS, dtype=tf.int32), tf.shape(x)[0])
+        return tf.concat(rotated, axis=0), y
+
+    dataset = source.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    for x, y in dataset.prefetch(tf.data.AUTOTUNE):
+        yield x.numpy(), y.numpy()  # what Keras' data adapters hand the model
+
+
+def _kerasrot_batches(images, batch_size, num_batches, seed, pipeline):
+    from kerasrot import pipeline as kp
+
+    batches = kp.Batches(
+        images,
+        np.zeros(len(images), "int32"),
+        batch_size,
+        rotations=True,
+        augment=True,
+        shuffle=True,
+        seed=seed,
+        epoch_length=batch_size * num_batches,
+        pipeline=pipeline,
+    )
+    for i in range(num_batches):
+        yield batches[i]
+
+
+PIPELINES = {
+    "memory": _memory_batches,
+    "tfdata": _tfdata_batches,
+    "kerasrot-memory": lambda *a: _kerasrot_batches(*a, pipeline="memory"),
+    "kerasrot-tfdata": lambda *a: _kerasrot_batches(*a, pipeline="tfdata"),
+}
+
+
+def make_batches(images, batch_size, pipeline="memory", num_batches=10, seed=0):
+    """Yields `num_batches` (x, y): x `[4B, H, W, 3]` float32 0-255, y `[4B]` int32.
+
+    The one place to swap in `kerasrot.pipeline` (the `kerasrot-*` entries
+    already do, while its `Batches` keeps its current signature).
+    """
+    return PIPELINES[pipeline](images, batch_size, num_batches, seed)
+
+
+def bench_pipeline(pipeline, images, batch_size, num_batches, repeats):
+    """Median batches/s over `repeats` passes of `num_batches` (first pass: warm-up)."""
+    rates = []
+    for r in range(repeats + 1):
+        start = time.perf_counter()
+        for x, y in make_batches(images, batch_size, pipeline, num_batches, seed=r):
+            pass
+        sync()
+        if r:
+            rates.append(num_batches / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+# ---------------------------------------------------------------------------
+# (2) Keras training step
+# ---------------------------------------------------------------------------
+
+
+class Variant:
+    """One Keras configuration, parsed from e.g. `cf+fbn` or `cl+spe4`."""
+
+    def __init__(self, text):
+        self.text = text
+        tokens = text.split("+")
+        self.data_format = {"cl": "channels_last", "cf": "channels_first"}[tokens[0]]
+        self.fused_bn = "fbn" in tokens
+        self.jit = "jit" in tokens
+        self.spe = 1
+        for t in tokens[1:]:
+            if t.startswith("spe"):
+                self.spe = int(t[3:])
+            elif t not in ("fbn", "jit", "fit"):
+                raise ValueError(f"unknown variant token {t!r} in {text!r}")
+        self.fit = "fit" in tokens or self.spe > 1
+
+
+def build_keras(arch, stem, variant, precision, lr=0.01):
+    from kerasrot import models
+
+    old_format, old_policy = keras.config.image_data_format(), keras.config.dtype_policy()
+    old_bn = models.batch_norm
+    keras.config.set_image_data_format(variant.data_format)
+    keras.config.set_dtype_policy(precision)
+    if variant.fused_bn:
+        from fused_batchnorm import FusedBatchNormalization
+
+        def fused(x, name):
+            return FusedBatchNormalization(
+                axis=models.channel_axis(),
+                epsilon=models.BN_EPSILON,
+                momentum=models.BN_MOMENTUM,
+                name=name,
+            )(x)
+
+        models.batch_norm = fused
+    try:
+        model = models.build_model(arch, NUM_ROTATIONS, stem, 32)
+    finally:
+        models.batch_norm = old_bn
+        keras.config.set_image_data_format(old_format)
+        keras.config.set_dtype_policy(old_policy)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True if variant.jit else "auto",
+        steps_per_execution=variant.spe,
+    )
+    return model
+
+
+class KerasStep:
+    """One timed unit of Keras training; `__call__` returns seconds per step."""
+
+    def __init__(self, model, variant, x, y, fit_steps):
+        self.model, self.variant = model, variant
+        self.x, self.y = ops.convert_to_tensor(x), ops.convert_to_tensor(y)
+        if variant.fit:
+            self.steps = max(fit_steps, variant.spe)
+            self.steps -= self.steps % variant.spe
+            reps = self.steps
+            self.fx = np.concatenate([x] * reps)
+            self.fy = np.concatenate([y] * reps)
+
+    def __call__(self):
+        start = time.perf_counter()
+        if self.variant.fit:
+            self.model.fit(
+                self.fx, self.fy, batch_size=len(self.x), epochs=1, shuffle=False, verbose=0
+            )
+            return (time.perf_counter() - start) / self.steps
+        self.model.train_on_batch(self.x, self.y)  # returns numbers: synchronises
+        return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------
+# (3) Plain PyTorch
+# ---------------------------------------------------------------------------
+
+
+class TorchStep:
+    """The same network in plain PyTorch, fed the same NHWC 0-255 batch."""
+
+    def __init__(self, arch, stem, precision, x, y, lr=0.01, memory_format="contiguous"):
+        import torch
+
+        import torch_reference
+
+        self.torch = torch
+        self.device = torch_device()
+        net = torch_reference.NETWORKS[arch](NUM_ROTATIONS, stem).to(self.device)
+        self.memory_format = (
+            torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+        )
+        self.net = net.to(memory_format=self.memory_format)
+        self.opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True)
+        self.x = torch.as_tensor(np.asarray(x), device=self.device)
+        self.y = torch.as_tensor(np.asarray(y), device=self.device).long()
+        self.mean = torch.tensor(CIFAR10_MEAN, device=self.device)
+        self.std = torch.tensor(CIFAR10_STD, device=self.device)
+        self.bf16 = precision == "mixed_bfloat16"
+
+    def step(self):
+        torch = self.torch
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
+            # The preprocessing the Keras models do inside: normalise, to NCHW.
+            x = ((self.x - self.mean) / self.std).permute(0, 3, 1, 2)
+            x = x.contiguous(memory_format=self.memory_format)
+            loss = torch.nn.functional.cross_entropy(self.net(x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def __call__(self):
+        start = time.perf_counter()
+        self.step().item()  # synchronises
+        return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------
+# Profiling
+# ---------------------------------------------------------------------------
+
+
+def profile(label, fn, rows):
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    sort = "self_cpu_time_total"
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        sort = "self_cuda_time_total"
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+    print(f"\n#### profile: {label}\n")
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows))
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats/networks, for a smoke run")
+    p.add_argument("--networks", default=None, help=f"comma list of {sorted(NETWORKS)}")
+    p.add_argument("--batch", type=int, default=128, help="images per batch (x4 rotations)")
+    p.add_argument("--variants", default=None, help="Keras variants, e.g. cl,cf,cf+fbn")
+    p.add_argument("--precisions", default="float32", help="float32,mixed_bfloat16")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    p.add_argument("--fit-steps", type=int, default=4, help="steps per timed fit call")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--torch-memory-format", default="contiguous",
+                   choices=["contiguous", "channels_last"])
+    p.add_argument("--pipelines", default="memory,tfdata",
+                   help="memory,tfdata,kerasrot-memory,kerasrot-tfdata")
+    p.add_argument("--pipeline-batches", type=int, default=20)
+    p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table per variant")
+    p.add_argument("--profile-rows", type=int, default=18)
+    args = p.parse_args(argv)
+    backend = keras.backend.backend()
+    if args.networks is None:
+        args.networks = "resnet18-imagenet" if args.quick else DEFAULT_NETWORKS
+    if args.variants is None:
+        args.variants = "cl,cf+fbn" if backend == "torch" else "cl"
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    if args.quick:
+        args.warmup = min(args.warmup, 1)
+        args.pipeline_batches = min(args.pipeline_batches, 5)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    backend = keras.backend.backend()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    print(f"device: {device_line()}")
+    print(f"versions: {versions_line()}")
+    print(
+        f"batch: {args.batch} images x {NUM_ROTATIONS} rotations = "
+        f"{args.batch * NUM_ROTATIONS} samples; medians of {args.repeats} repeats "
+        f"after {args.warmup} warm-up steps; torch device {torch_device()}\n"
+    )
+    rows = []  # (what, config, keras, torch, ratio, unit)
+
+    if not args.skip_pipeline:
+        images = synthetic_cifar()
+        for name in args.pipelines.split(","):
+            try:
+                rate = bench_pipeline(
+                    name, images, args.batch, args.pipeline_batches, max(args.repeats, 3)
+                )
+            except Exception as e:  # e.g. no TensorFlow on a GPU box
+                print(f"pipeline {name}: skipped ({type(e).__name__}: {e})")
+                continue
+            rows.append((f"pipeline {name}", f"{args.batch} images -> {args.batch * NUM_ROTATIONS}",
+                         f"{rate:.1f} batches/s = {rate * args.batch * NUM_ROTATIONS:.0f} samples/s",
+                         "-", "-", "-"))
+
+    ratios = []
+    if not args.skip_training:
+        samples = args.batch * NUM_ROTATIONS
+        rng = np.random.default_rng(0)
+        x = rng.uniform(0, 255, size=(samples, 32, 32, 3)).astype("float32")
+        y = np.tile(np.arange(NUM_ROTATIONS, dtype="int32"), args.batch)
+        variants = []
+        for text in args.variants.split(","):
+            v = Variant(text)
+            if v.spe > 1 and backend == "torch":  # Keras 3.15 raises ValueError
+                print(f"variant {text}: skipped, steps_per_execution must be 1 on torch")
+            elif v.data_format == "channels_first" and backend == "tensorflow" and not gpu():
+                print(f"variant {text}: skipped, TensorFlow has no NCHW CPU convolutions")
+            else:
+                variants.append(v)
+        for net_name in args.networks.split(","):
+            arch, stem = NETWORKS[net_name]
+            for precision in args.precisions.split(","):
+                runners = []
+                for v in variants:
+                    model = build_keras(arch, stem, v, precision)
+                    runners.append((f"keras {v.text}", KerasStep(model, v, x, y, args.fit_steps)))
+                if not args.skip_torch:
+                    runners.append(("torch", TorchStep(arch, stem, precision, x, y,
+                                                       memory_format=args.torch_memory_format)))
+                for label, run in runners:
+                    t0 = time.perf_counter()
+                    for _ in range(args.warmup):
+                        run()
+                    print(f"  {net_name} {precision} {label}: warm-up "
+                          f"{time.perf_counter() - t0:.1f} s", flush=True)
+                times = {label: [] for label, _ in runners}
+                for r in range(args.repeats):
+                    for label, run in runners:  # interleaved: shared load hits all alike
+                        times[label].append(run())
+                if args.profile:
+                    for label, run in runners:
+                        profile(f"{net_name} {precision} {label}", run, args.profile_rows)
+                rate = {k: samples / statistics.median(v) for k, v in times.items()}
+                for label, _ in runners:
+                    if label == "torch":
+                        continue
+                    ratio = rate[label] / rate["torch"] if "torch" in rate else None
+                    rows.append((net_name, f"{label}, {precision}", f"{rate[label]:.1f}",
+                                 f"{rate['torch']:.1f}" if "torch" in rate else "-",
+                                 f"{ratio:.2f}" if ratio else "-",
+                                 spread(times[label])))
+                    if ratio:
+                        best = min(times["torch"]) / min(times[label])
+                        ratios.append(f"ratio keras/pytorch: {ratio:.2f}  "
+                                      f"({net_name}, {label}, {precision}, batch {samples}; "
+                                      f"best-step ratio {best:.2f})")
+                if "torch" in rate:
+                    rows.append((net_name, f"torch {args.torch_memory_format}, {precision}",
+                                 "", f"{rate['torch']:.1f}", "", spread(times["torch"])))
+                del runners
+
+    print(f"\n| what | configuration | keras (samples/s) | pytorch (samples/s) | "
+          f"keras/pytorch | step s (min-max) |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+    for line in ratios:
+        print(line)
+    print(f"\n(backend {backend}; training columns are rotated samples/s)")
+
+
+def spread(times):
+    return f"{min(times):.3f}-{max(times):.3f}"
+
+
+if __name__ == "__main__":
+    main()
