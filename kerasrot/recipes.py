@@ -128,7 +128,7 @@ def _read_toml(path):
         raise RecipeError(f"{path} is not valid TOML: {error}") from None
 
 
-def parse_value(key, text):
+def parse_value(key, text, where=None):
     """A `--set` value from text, checked against `SETTINGS[key]`."""
     setting = SETTINGS[key]
     if setting.optional and text.lower() in ("all", "none"):
@@ -142,7 +142,8 @@ def parse_value(key, text):
             return [int(v) for v in text.split(",") if v.strip()]
         return setting.kind(text)
     except ValueError:
-        raise RecipeError(f"--set {key}={text}: expected {setting.kind.__name__} ({setting.help})") from None
+        where = where or f"--set {key}={text}"
+        raise RecipeError(f"{where}: expected {setting.kind.__name__} ({setting.help})") from None
 
 
 def check_value(key, value, where):
@@ -185,7 +186,7 @@ def parse_overrides(pairs):
             )
         if key not in SETTINGS:
             raise RecipeError(f"--set {pair}: unknown setting {key!r}; `kerasrot show RECIPE` lists them")
-        value = parse_value(key, text.strip())
+        value = parse_value(key, text.strip(), where=f"--set {pair}")
         check_value(key, value, f"--set {pair}")
         overrides.setdefault(group, {})[key] = value
     return overrides

@@ -16,7 +16,7 @@ REAL_DATA = Path(os.environ.get("KERASROT_DATA_DIR", "/tmp/kerasrot-data"))
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
-def write_image_folders(root, dataset, splits, per_class, size, suffix=".png", seed=0):
+def write_image_folders(root, dataset, splits, per_class, size, suffix=".png", seed=0, quality=95):
     """`root/dataset/<split>/<class>/NNN<suffix>`: class-tinted noise, so classes differ."""
     rng = np.random.default_rng(seed)
     for split in splits:
@@ -27,7 +27,7 @@ def write_image_folders(root, dataset, splits, per_class, size, suffix=".png", s
                 pixels = rng.integers(0, 120, size=(size, size, 3))
                 pixels[..., label % 3] += 12 * label
                 pixels[: size // 2, : size // 4] = 255  # an "up-left" mark: rotations differ
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}{suffix}")
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}{suffix}", quality=quality)
     return Path(root)
 
 

@@ -15,6 +15,8 @@ TINY = [
     "--set", "rotation.epochs=1", "--set", "rotation.batch_size=8",
     "--set", "classify.images_per_class=3", "--set", "classify.test_images_per_class=2",
     "--set", "classify.epochs=2", "--set", "classify.batch_size=8",
+    # "auto" picks bfloat16 on CPUs with AVX512-BF16, five times slower at this size
+    "--set", "rotation.precision=float32", "--set", "classify.precision=float32",
 ]
 
 
@@ -61,19 +63,30 @@ def test_run_writes_metrics_table_history_and_plots(table2_run):
 
 def test_second_run_and_other_recipes_reuse_finished_stages(table2_run, data_root):
     root, _ = table2_run
+    first = json.loads((results_of(root) / "metrics.json").read_text())
+    same = invoke("run", "table2", "--data-dir", data_root, "--workdir", root / "work",
+                  "--results", root / "results", *TINY)
+    assert same.exit_code == 0, same.output
+    for i, name in enumerate(["rotation", "last_block.rotation_init", "last_block.random_init"], start=1):
+        assert f"[stage {i}/3] {name}: done before" in same.output
+    assert json.loads((results_of(root) / "metrics.json").read_text())["accuracy"] == first["accuracy"]
+
     again = invoke("run", "table3", "--data-dir", data_root, "--workdir", root / "work",
                    "--results", root / "results", *TINY)
     assert again.exit_code == 0, again.output
     assert "[stage 1/3] rotation: done before" in again.output
+    assert "full.rotation_init: done before" not in again.output
 
 
 def test_evaluate_reproduces_the_recorded_accuracy(table2_run, data_root):
     root, _ = table2_run
     metrics = json.loads((results_of(root) / "metrics.json").read_text())
-    stage = metrics["stages"]["last_block.rotation_init"]
-    result = invoke("evaluate", stage["checkpoint"], "--data-dir", data_root)
-    assert result.exit_code == 0, result.output
-    assert f"accuracy {stage['accuracy']:.2f}%" in result.output
+    for name, task in (("rotation", "rotation"), ("last_block.rotation_init", "classify")):
+        stage = metrics["stages"][name]
+        result = invoke("evaluate", stage["checkpoint"], "--data-dir", data_root)
+        assert result.exit_code == 0, result.output
+        assert f"accuracy {stage['accuracy']:.2f}% on {stage['test_samples']} " in result.output
+        assert f"({task};" in result.output
 
 
 def test_report_redraws_from_metrics(table2_run):
@@ -113,7 +126,41 @@ def test_failing_run_leaves_earlier_results_untouched(table2_run, tmp_path):
 def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(args, message):
     result = invoke(*args)
     assert result.exit_code != 0
-    assert message in result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_bad_input_in_a_real_process_exits_1_with_one_line_on_stderr(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "kerasrot.cli", "run", "table9", "--workdir", str(tmp_path / "w"),
+         "--results", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "unknown recipe 'table9'" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r").exists()  # nothing written for a run that never started
+
+
+def test_wrong_number_of_classes_is_a_clear_error(tmp_path, data_root):
+    from tests.conftest import write_image_folders
+
+    write_image_folders(tmp_path / "four", "cifar10", ["train", "test"], 2, 32)
+    for name in [f"class{i}" for i in range(4, 10)]:
+        for split in ("train", "test"):
+            for f in (tmp_path / "four/cifar10" / split / name).iterdir():
+                f.unlink()
+            (tmp_path / "four/cifar10" / split / name).rmdir()
+    result = _tiny_run(tmp_path / "four", tmp_path)
+    assert result.exit_code == 1 and "has 4 class folders, cifar10 has 10" in result.stderr
+
+    from kerasrot import files, models
+
+    seven = models.build_model("resnet18", 7, stem="imagenet", name="resnet18_classify_cifar10")
+    files.save_model(seven, tmp_path / "seven.keras")
+    result = invoke("evaluate", tmp_path / "seven.keras", "--data-dir", data_root)
+    assert result.exit_code == 1 and "predicts 7 classes, cifar10 has 10" in result.stderr
     assert "Traceback" not in result.output
 
 
@@ -144,7 +191,8 @@ def test_bad_data_folders_get_clear_errors(tmp_path):
 def test_unwritable_results_folder_is_a_clear_error(tmp_path, data_root):
     blocker = tmp_path / "results"
     blocker.write_text("a file where a folder should be")
-    result = invoke("run", "table1", "--data-dir", data_root, "--workdir", tmp_path / "w", "--results", blocker, *TINY)
+    result = invoke("run", "table1", "--data-dir", data_root, "--workdir", tmp_path / "w",
+                    "--results", blocker / "inside", *TINY)
     assert result.exit_code == 1 and "cannot write to" in result.output
 
 

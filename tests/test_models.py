@@ -15,8 +15,7 @@ def test_parameter_counts_match_torchvision(arch, expected):
     assert trainable_parameters(model) == expected
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
-@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+@pytest.mark.parametrize("arch,stem", [("resnet18", "cifar"), ("resnet18", "imagenet"), ("densenet121", "imagenet")])
 def test_output_is_logits_per_class(arch, stem):
     model = models.build_model(arch, 4, stem=stem, image_size=32)
     logits = model.predict_on_batch(np.zeros((2, 32, 32, 3), dtype="float32"))
@@ -65,7 +64,7 @@ def test_head_swap_keeps_backbone_weights_and_starts_a_new_head():
     _train_step(rotnet, num_classes=4)
     classifier = models.build_model("resnet18", 10, stem="imagenet")
     copied = models.transfer_weights(rotnet, classifier)
-    assert copied > 40
+    assert copied == sum(1 for l in classifier.layers if l.weights and models.block_of(l.name) != "head")
     for layer in classifier.layers:
         if layer.weights and models.block_of(layer.name) != "head":
             for a, b in zip(layer.get_weights(), rotnet.get_layer(layer.name).get_weights()):
@@ -73,26 +72,39 @@ def test_head_swap_keeps_backbone_weights_and_starts_a_new_head():
     assert classifier.get_layer("head_logits").kernel.shape == (512, 10)
 
 
-def test_export_of_a_fast_layout_model_is_nhwc_float32_with_the_same_logits():
-    if keras.backend.backend() == "tensorflow":
+@pytest.mark.parametrize(
+    "data_format,precision",
+    [("channels_first", "float32"), ("channels_first", "mixed_bfloat16"), ("channels_last", "mixed_bfloat16")],
+)
+def test_export_of_a_fast_layout_model_is_nhwc_float32_with_the_same_weights_and_logits(data_format, precision):
+    if keras.backend.backend() == "tensorflow" and data_format == "channels_first":
         pytest.skip("TensorFlow's CPU convolutions support channels_last only")
     spec = {"arch": "resnet18", "num_classes": 4, "stem": "imagenet", "image_size": 32}
-    with backend.layout("channels_first", "float32"):
+    with backend.layout(data_format, precision):
         fast = models.build_model(**spec)
-    _train_step(fast, num_classes=4)
+    if precision == "float32":
+        _train_step(fast, num_classes=4)  # non-trivial BN statistics (bf16 steps are slow on CPU)
     portable = models.export(fast, spec)
-    assert portable.get_layer("stem_conv").data_format == "channels_last"
-    assert portable.get_layer("stem_conv").dtype_policy.name == "float32"
+    assert keras.config.image_data_format() == "channels_last"  # export restores the global layout
+    for layer in portable.layers:
+        if hasattr(layer, "data_format"):
+            assert layer.data_format == "channels_last", layer.name
+        assert layer.dtype_policy.name == "float32", layer.name
+    assert [w.path for w in portable.weights] == [w.path for w in fast.weights]
+    for a, b in zip(portable.weights, fast.weights):
+        assert a.dtype == "float32"
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), err_msg=a.path)
     batch = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
-    np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(portable.predict_on_batch(batch)),
-        keras.ops.convert_to_numpy(fast.predict_on_batch(batch)),
-        atol=1e-4, rtol=1e-4,
-    )
+    ours = keras.ops.convert_to_numpy(portable.predict_on_batch(batch)).astype("float32")
+    theirs = keras.ops.convert_to_numpy(fast.predict_on_batch(batch)).astype("float32")
+    if precision == "float32":
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    else:  # bfloat16 keeps 8 bits of mantissa: agree to a few percent of the logits' scale
+        assert np.abs(ours - theirs).max() <= 0.05 * np.abs(theirs).max() + 0.05
 
 
 def test_keras_file_round_trip_gives_identical_logits(tmp_path):
-    model = models.build_model("densenet121", 10, stem="imagenet")
+    model = models.build_model("resnet18", 10, stem="imagenet")
     files.save_model(model, tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     batch = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype("float32")

@@ -47,9 +47,18 @@ def _identity_images(n):
 
 @pytest.mark.parametrize("n,batch_size", [(10, 4), (8, 4), (7, 16)])
 def test_every_image_appears_exactly_once_per_epoch(n, batch_size):
-    batches = Batches(_identity_images(n), np.arange(n) % 3, batch_size, shuffle=True, seed=3)
-    seen = [as_numpy(batches[i][0])[:, 0, 0, 0] for i in range(len(batches))]
-    assert sorted(np.concatenate(seen).astype(int).tolist()) == list(range(n))
+    labels = np.arange(n) % 3
+    batches = Batches(_identity_images(n), labels, batch_size, shuffle=True, seed=3)
+    assert len(batches) == -(-n // batch_size)
+    for epoch in (0, 1):
+        batches.set_epoch(epoch)
+        seen = [batches[i] for i in range(len(batches))]
+        ids = np.concatenate([as_numpy(x)[:, 0, 0, 0] for x, _ in seen]).astype(int)
+        assert sorted(ids.tolist()) == list(range(n))
+        # labels travel with their images
+        np.testing.assert_array_equal(np.concatenate([as_numpy(y) for _, y in seen]), labels[ids])
+    with pytest.raises(IndexError):
+        batches[len(batches)]
 
 
 def test_rotation_batches_hold_four_copies_of_each_image_with_balanced_labels():
@@ -60,10 +69,16 @@ def test_rotation_batches_hold_four_copies_of_each_image_with_balanced_labels():
         ids.append(as_numpy(images)[:, 0, 0, 0])
         labels.append(as_numpy(rot))
         # the same images, in the same order, in each quarter of the batch
-        quarter = len(as_numpy(rot)) // 4
-        first = as_numpy(images)[:quarter]
-        np.testing.assert_array_equal(as_numpy(images)[quarter:2 * quarter], np.rot90(first, 1, axes=(1, 2)))
+        images, rot = as_numpy(images), as_numpy(rot)
+        quarter = len(rot) // 4
+        first = images[:quarter]
+        for k in range(4):
+            np.testing.assert_array_equal(images[k * quarter:(k + 1) * quarter], np.rot90(first, k, axes=(1, 2)))
+            assert (rot[k * quarter:(k + 1) * quarter] == k).all()
+        ids[-1] = first[:, 0, 0, 0]
     labels = np.concatenate(labels)
+    assert [len(b) for b in ids] == [4, 4, 2]  # the last, partial batch is kept
+    assert sorted(np.concatenate(ids).astype(int).tolist()) == list(range(10))
     assert batches.num_samples == 40 == len(labels)
     assert np.bincount(labels).tolist() == [10, 10, 10, 10]
 
@@ -74,6 +89,17 @@ def test_epoch_length_repeats_small_subsets_without_duplicates_within_a_pass():
     assert len(ids) == 15
     for p in range(3):
         assert sorted(ids[5 * p:5 * p + 5].tolist()) == [0, 1, 2, 3, 4]
+    assert len(set(tuple(ids[5 * p:5 * p + 5]) for p in range(3))) > 1  # a fresh order each pass
+
+
+def test_epoch_length_that_is_not_a_multiple_truncates_the_last_pass():
+    batches = Batches(_identity_images(5), np.zeros(5), 4, shuffle=True, epoch_length=12, rotations=True)
+    assert len(batches) == 3 and batches.num_samples == 48
+    ids = np.concatenate([as_numpy(batches[i][0])[:len(as_numpy(batches[i][1])) // 4, 0, 0, 0]
+                          for i in range(len(batches))]).astype(int)
+    assert len(ids) == 12
+    assert sorted(ids[:5].tolist()) == sorted(ids[5:10].tolist()) == [0, 1, 2, 3, 4]
+    assert len(set(ids[10:].tolist())) == 2
 
 
 def test_same_seed_and_epoch_give_same_batches_and_next_epoch_reshuffles():
@@ -83,6 +109,21 @@ def test_same_seed_and_epoch_give_same_batches_and_next_epoch_reshuffles():
     np.testing.assert_array_equal(as_numpy(a[0][0]), as_numpy(b[0][0]))
     b.set_epoch(1)
     assert not np.array_equal(as_numpy(a[0][0]), as_numpy(b[0][0]))
+    b.set_epoch(0)  # back to epoch 0: the same batch again (what a resumed run relies on)
+    np.testing.assert_array_equal(as_numpy(a[0][0]), as_numpy(b[0][0]))
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    def order(seed, epoch):
+        batches = Batches(_identity_images(20), np.zeros(20), 20, shuffle=True, seed=seed)
+        batches.set_epoch(epoch)
+        return as_numpy(batches[0][0])[:, 0, 0, 0].astype(int).tolist()
+
+    assert order(5, 0) == order(5, 0)
+    assert order(5, 1) != order(5, 0)
+    assert order(6, 0) != order(5, 0)
+    unshuffled = Batches(_identity_images(20), np.zeros(20), 20, shuffle=False)
+    assert as_numpy(unshuffled[0][0])[:, 0, 0, 0].astype(int).tolist() == list(range(20))
 
 
 @pytest.mark.parametrize("augment", [False, True])

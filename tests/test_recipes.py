@@ -65,3 +65,72 @@ def test_figure1_has_one_stage_per_size_and_init():
     sizes = recipes.load("figure1", "quick", recipes.parse_overrides(["figure1.labels_per_class=20"])).stages
     assert [s.name for s in sizes] == ["rotation", "figure1.20.rotation_init", "figure1.20.random_init"]
     assert sizes[1].settings["images_per_class"] == 20
+
+
+def test_table2_and_table3_share_their_rotation_stage_under_every_preset():
+    for preset in recipes.PRESETS:
+        table2 = {s.name: s for s in recipes.load("table2", preset).stages}
+        table3 = {s.name: s for s in recipes.load("table3", preset).stages}
+        assert table2["rotation"].key == table3["rotation"].key
+        assert table3["full.rotation_init"].init_stage is not None
+        assert table3["full.rotation_init"].init_stage.key == table2["rotation"].key
+        # different trainable blocks: different classify stages
+        assert table2["last_block.rotation_init"].key != table3["full.rotation_init"].key
+
+
+@pytest.mark.parametrize("override", ["rotation.learning_rate=0.05", "rotation.seed=1", "rotation.augment=false"])
+def test_any_rotation_setting_changes_the_keys_of_stages_that_start_from_it(override):
+    plain = {s.name: s.key for s in recipes.load("table3", "quick").stages}
+    changed = {s.name: s.key for s in recipes.load("table3", "quick", recipes.parse_overrides([override])).stages}
+    assert changed["rotation"] != plain["rotation"]
+    assert changed["full.rotation_init"] != plain["full.rotation_init"]
+    assert changed["full.random_init"] == plain["full.random_init"]
+
+
+def test_settings_that_do_not_change_results_keep_the_keys():
+    plain = [s.key for s in recipes.load("table2", "quick").stages]
+    overrides = recipes.parse_overrides(["rotation.verbose=0", "classify.pipeline=tfdata"])
+    assert [s.key for s in recipes.load("table2", "quick", overrides).stages] == plain
+
+
+def test_keys_include_the_runner_context():
+    stages = recipes.load("table1", "quick").stages
+    recipes.key_stages(stages, context={"data": "/a"})
+    first = stages[0].key
+    recipes.key_stages(stages, context={"data": "/b"})
+    assert stages[0].key != first
+
+
+@pytest.mark.parametrize(
+    "pair,value",
+    [
+        ("rotation.epochs=3", 3), ("rotation.learning_rate=0.5", 0.5), ("rotation.nesterov=no", False),
+        ("rotation.images_per_class=all", None), ("rotation.step_epochs=10,20", [10, 20]),
+        ("classify.trainable=head", "head"),
+    ],
+)
+def test_overrides_parse_to_typed_values(pair, value):
+    task, key = pair.split("=")[0].split(".")
+    assert recipes.parse_overrides([pair]) == {task: {key: value}}
+
+
+@pytest.mark.parametrize(
+    "pair", ["rotation.learning_rate=-0.1", "rotation.image_size=0", "rotation.samples_per_epoch=0",
+             "rotation.stem=vgg", "rotation.verbose=3", "classify.trainable=layer3"],
+)
+def test_out_of_range_values_are_refused(pair):
+    with pytest.raises(recipes.RecipeError):
+        recipes.parse_overrides([pair])
+
+
+def test_wrong_types_in_a_recipe_file_are_refused(tmp_path, monkeypatch):
+    for name in ("presets", "table1"):
+        (tmp_path / f"{name}.toml").write_text((recipes.RECIPES_DIR / f"{name}.toml").read_text())
+    with open(tmp_path / "table1.toml", "a") as f:
+        f.write('\n[presets.quick.rotation]\nepochs = "many"\n')
+    monkeypatch.setattr(recipes, "RECIPES_DIR", tmp_path)
+    with pytest.raises(recipes.RecipeError, match="epochs must be int"):
+        recipes.load("table1", "quick")
+    (tmp_path / "table1.toml").write_text("title = [unclosed")
+    with pytest.raises(recipes.RecipeError, match="not valid TOML"):
+        recipes.load("table1", "quick")
