@@ -11,7 +11,7 @@ It prints one Markdown table:
 1. the input pipeline alone: batches per second of B images, each padded by 4,
    randomly cropped back and randomly flipped, then expanded to its 4 exact
    rot90 copies (4B samples, labels 0-3), from a synthetic uint8 CIFAR-10-like
-   array (50000, 32, 32, 3); an in-memory NumPy/keras.ops batcher and tf.data;
+   array (50000, 32, 32, 3), through `kerasrot.pipeline.Batches` (memory, tfdata);
 2. training samples/s (rotated samples, 4B per step) of `kerasrot.models`
    networks compiled as RotNet trains them (SGD, Nesterov momentum 0.9, sparse
    categorical cross-entropy from logits), one `train_on_batch` (or `fit`) step;
@@ -22,8 +22,8 @@ It prints one Markdown table:
 
 Keras variants (`--variants`, comma separated; tokens joined with `+`):
     cl / cf   image_data_format channels_last / channels_first
-    fbn       BatchNormalization -> fused_batchnorm.FusedBatchNormalization
-              (torch.native_batch_norm on the torch backend)
+    fbn       fused BatchNorm (kerasrot.backend.FusedBatchNormalization,
+              torch.native_batch_norm; the recipes' default on torch)
     jit       compile(jit_compile=True) (torch.compile on torch: minutes!)
     fit       time model.fit(steps_per_epoch=--fit-steps) instead of train_on_batch
     speN      steps_per_execution=N (implies fit)
@@ -144,75 +144,6 @@ def synthetic_cifar(num_images=50000, seed=0):
     return rng.integers(0, 256, size=(num_images, 32, 32, 3), dtype=np.uint8)
 
 
-def _plan(num_images, batch_size, num_batches, rng):
-    """Image indices, crop offsets and flips for `num_batches` batches."""
-    n = batch_size * num_batches
-    order = np.concatenate(
-        [rng.permutation(num_images) for _ in range(-(-n // num_images))]
-    )[:n]
-    offsets = rng.integers(0, 2 * CROP_PADDING + 1, size=(n, 2))
-    flips = rng.random(n) < 0.5
-    return order, offsets, flips
-
-
-def _memory_batches(images, batch_size, num_batches, seed):
-    """NumPy gathers, crops, flips and rotates uint8; keras.ops casts on the device."""
-    rng = np.random.default_rng(seed)
-    order, offsets, flips = _plan(len(images), batch_size, num_batches, rng)
-    p = CROP_PADDING
-    h, w = images.shape[1:3]
-    for i in range(num_batches):
-        part = slice(i * batch_size, (i + 1) * batch_size)
-        x = images[order[part]]
-        x = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        rows = offsets[part, :1] + np.arange(h)[None, :]  # [B, H]
-        cols = offsets[part, 1:] + np.arange(w)[None, :]  # [B, W]
-        cols = np.where(flips[part, None], cols[:, ::-1], cols)
-        b = np.arange(len(x))[:, None, None]
-        x = x[b, rows[:, :, None], cols[:, None, :]]  # crop + flip in one gather
-        # Rotate while still uint8 (a quarter of the bytes of float32), then
-        # one transfer and one cast on the backend's device.
-        x = np.concatenate([np.rot90(x, k, axes=(1, 2)) for k in range(NUM_ROTATIONS)])
-        y = np.repeat(np.arange(NUM_ROTATIONS, dtype="int32"), len(rows))
-        yield ops.cast(ops.convert_to_tensor(x), "float32"), ops.convert_to_tensor(y)
-
-
-_TF_IMAGES = {}
-
-
-def _tfdata_batches(images, batch_size, num_batches, seed):
-    import tensorflow as tf
-
-    rng = np.random.default_rng(seed)
-    order, offsets, flips = _plan(len(images), batch_size, num_batches, rng)
-    source = tf.data.Dataset.from_tensor_slices(
-        (order, offsets.astype("int32"), flips)
-    ).batch(batch_size)
-    key = (id(images), images.shape)
-    if key not in _TF_IMAGES:  # the 150 MB copy into TensorFlow, once per array
-        _TF_IMAGES.clear()
-        _TF_IMAGES[key] = tf.constant(images)
-    all_images = _TF_IMAGES[key]
-    h, w = images.shape[1:3]
-    p = CROP_PADDING
-
-    def make_batch(indices, offs, flip):
-        x = tf.cast(tf.gather(all_images, indices), tf.float32)
-        x = tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
-        rows = offs[:, :1] + tf.range(h)[None, :]
-        cols = offs[:, 1:] + tf.range(w)[None, :]
-        x = tf.gather(x, rows, axis=1, batch_dims=1)
-        x = tf.gather(x, cols, axis=2, batch_dims=1)
-        x = tf.where(flip[:, None, None, None], tf.reverse(x, axis=[2]), x)
-        rotated = [tf.image.rot90(x, k) for k in range(NUM_ROTATIONS)]
-        y = tf.repeat(tf.range(NUM_ROTATIONS, dtype=tf.int32), tf.shape(x)[0])
-        return tf.concat(rotated, axis=0), y
-
-    dataset = source.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
-    for x, y in dataset.prefetch(tf.data.AUTOTUNE):
-        yield x.numpy(), y.numpy()  # what Keras' data adapters hand the model
-
-
 def _kerasrot_batches(images, batch_size, num_batches, seed, pipeline):
     from kerasrot import pipeline as kp
 
@@ -231,21 +162,10 @@ def _kerasrot_batches(images, batch_size, num_batches, seed, pipeline):
         yield batches[i]
 
 
-PIPELINES = {
-    "memory": _memory_batches,
-    "tfdata": _tfdata_batches,
-    "kerasrot-memory": lambda *a: _kerasrot_batches(*a, pipeline="memory"),
-    "kerasrot-tfdata": lambda *a: _kerasrot_batches(*a, pipeline="tfdata"),
-}
-
-
 def make_batches(images, batch_size, pipeline="memory", num_batches=10, seed=0):
-    """Yields `num_batches` (x, y): x `[4B, H, W, 3]` float32 0-255, y `[4B]` int32.
-
-    The one place to swap in `kerasrot.pipeline` (the `kerasrot-*` entries
-    already do, while its `Batches` keeps its current signature).
-    """
-    return PIPELINES[pipeline](images, batch_size, num_batches, seed)
+    """Yields `num_batches` (x, y) of `kerasrot.pipeline.Batches`, as a rotation stage gets them:
+    x `[4B, H, W, 3]` float32 0-255 (augmented, then rotated), y `[4B]` int32."""
+    return _kerasrot_batches(images, batch_size, num_batches, seed, pipeline)
 
 
 def bench_pipeline(pipeline, images, batch_size, num_batches, repeats):
@@ -285,30 +205,11 @@ class Variant:
 
 
 def build_keras(arch, stem, variant, precision, lr=0.01):
-    from kerasrot import models
+    from kerasrot import backend, models
 
-    old_format, old_policy = keras.config.image_data_format(), keras.config.dtype_policy()
-    old_bn = models.batch_norm
-    keras.config.set_image_data_format(variant.data_format)
-    keras.config.set_dtype_policy(precision)
-    if variant.fused_bn:
-        from fused_batchnorm import FusedBatchNormalization
-
-        def fused(x, name):
-            return FusedBatchNormalization(
-                axis=models.channel_axis(),
-                epsilon=models.BN_EPSILON,
-                momentum=models.BN_MOMENTUM,
-                name=name,
-            )(x)
-
-        models.batch_norm = fused
-    try:
+    fused = "on" if variant.fused_bn else "off"
+    with backend.layout(variant.data_format, precision, fused):
         model = models.build_model(arch, NUM_ROTATIONS, stem, 32)
-    finally:
-        models.batch_norm = old_bn
-        keras.config.set_image_data_format(old_format)
-        keras.config.set_dtype_policy(old_policy)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -424,8 +325,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--torch-memory-format", default="contiguous",
                    choices=["contiguous", "channels_last"])
-    p.add_argument("--pipelines", default="memory,tfdata",
-                   help="memory,tfdata,kerasrot-memory,kerasrot-tfdata")
+    p.add_argument("--pipelines", default="memory,tfdata", help="kerasrot pipelines: memory,tfdata")
     p.add_argument("--pipeline-batches", type=int, default=20)
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--skip-training", action="store_true")

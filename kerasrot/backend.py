@@ -11,6 +11,12 @@ it fast, and both depend on where it runs:
 * `precision`: `mixed_bfloat16` computes in bfloat16 with float32 weights.
   It pays where the hardware does bfloat16 natively (recent NVIDIA GPUs,
   CPUs with AVX512-BF16 or AMX under PyTorch), and costs elsewhere.
+* `fused_batchnorm`: Keras builds BatchNormalization from elementwise ops
+  (mean, square, subtract, rsqrt, ...), each a pass over the activations
+  forward and again backward. On the PyTorch backend that is about 40% of
+  a CPU training step; `FusedBatchNormalization` below calls PyTorch's
+  fused kernel instead, with Keras' semantics. Other backends fuse these
+  ops themselves (XLA), so there it changes nothing.
 
 "auto" picks per backend and device; the choice is recorded with results.
 Checkpoints that we hand to users are always re-exported as NHWC float32
@@ -25,6 +31,7 @@ import keras
 
 DATA_FORMATS = ("auto", "channels_last", "channels_first")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+FUSED_BATCHNORM = ("auto", "on", "off")
 
 
 def name():
@@ -55,29 +62,83 @@ def cpu_has_native_bfloat16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve(data_format="auto", precision="auto"):
-    """Turns "auto" into a concrete data format and precision for this backend/device."""
+def resolve(data_format="auto", precision="auto", fused_batchnorm="auto"):
+    """Turns "auto" into concrete choices for this backend and device.
+
+    Returns `(data_format, precision, fused_batchnorm)`; the last is "on" or "off".
+    """
     backend = name()
     if data_format == "auto":
         data_format = "channels_first" if backend == "torch" else "channels_last"
     if precision == "auto":
         native = has_gpu() or (backend == "torch" and cpu_has_native_bfloat16())
         precision = "mixed_bfloat16" if native else "float32"
-    return data_format, precision
+    if fused_batchnorm == "auto" or backend != "torch":
+        fused_batchnorm = "on" if backend == "torch" else "off"
+    return data_format, precision, fused_batchnorm
+
+
+_fused_batchnorm = False  # set by `layout`, read by `batch_normalization`
 
 
 @contextlib.contextmanager
-def layout(data_format="channels_last", precision="float32"):
-    """Builds models inside with this data format and dtype policy, then restores both."""
-    old_format = keras.config.image_data_format()
-    old_policy = keras.config.dtype_policy()
+def layout(data_format="channels_last", precision="float32", fused_batchnorm="off"):
+    """Builds models inside with this data format, dtype policy and BatchNorm, then restores them."""
+    global _fused_batchnorm
+    old = keras.config.image_data_format(), keras.config.dtype_policy(), _fused_batchnorm
     keras.config.set_image_data_format(data_format)
     keras.config.set_dtype_policy(precision)
+    _fused_batchnorm = fused_batchnorm == "on" and name() == "torch"
     try:
         yield
     finally:
-        keras.config.set_image_data_format(old_format)
-        keras.config.set_dtype_policy(old_policy)
+        keras.config.set_image_data_format(old[0])
+        keras.config.set_dtype_policy(old[1])
+        _fused_batchnorm = old[2]
+
+
+def batch_normalization(**kwargs):
+    """A BatchNormalization layer: Keras' own, or the fused one inside `layout(fused_batchnorm="on")`."""
+    if _fused_batchnorm:
+        return FusedBatchNormalization(**kwargs)
+    return keras.layers.BatchNormalization(**kwargs)
+
+
+@keras.saving.register_keras_serializable(package="kerasrot")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """Keras' BatchNormalization, trained with PyTorch's fused kernel on the torch backend.
+
+    Same weights, same config and the same results as the parent class:
+    in training it normalises with the batch statistics and updates the
+    moving ones with Keras' momentum and the biased batch variance, as the
+    parent does; it only replaces a dozen elementwise passes by
+    `torch.native_batch_norm` (one pass forward, one backward). Inference,
+    frozen layers and every other backend use the parent class unchanged.
+    Exported checkpoints use the parent class (`kerasrot.models.export`).
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        axis = self.axis if self.axis >= 0 else len(inputs.shape) + self.axis
+        if name() != "torch" or not (training and self.trainable) or mask is not None or self.renorm \
+                or len(inputs.shape) != 4 or axis not in (1, 3):
+            return super().call(inputs, training=training, mask=mask)
+        import torch
+
+        x = inputs.float()  # as the parent: statistics in float32 under mixed precision
+        if axis == 3:
+            x = x.permute(0, 3, 1, 2)  # a view: PyTorch reads it as channels_last memory
+        gamma = self.gamma.value if self.scale else None
+        beta = self.beta.value if self.center else None
+        y, batch_mean, inverse_std = torch.native_batch_norm(x, gamma, beta, None, None, True, 0.0, self.epsilon)
+        with torch.no_grad():
+            batch_variance = inverse_std.pow(-2) - self.epsilon
+            self.moving_mean.assign(self.moving_mean * self.momentum + batch_mean * (1.0 - self.momentum))
+            self.moving_variance.assign(
+                self.moving_variance * self.momentum + batch_variance * (1.0 - self.momentum)
+            )
+        if axis == 3:
+            y = y.permute(0, 2, 3, 1)
+        return keras.ops.cast(y, self.compute_dtype)
 
 
 def device_description():

@@ -23,6 +23,8 @@ Example:
 import keras
 from keras import layers
 
+from kerasrot import backend
+
 BLOCKS = ("preprocess", "stem", "layer1", "layer2", "layer3", "layer4", "head")
 TRAINABLE_CHOICES = {
     "all": BLOCKS,
@@ -68,7 +70,9 @@ def preprocess(x, name="preprocess"):
 
 
 def batch_norm(x, name):
-    return layers.BatchNormalization(
+    # Keras' BatchNormalization, or on the PyTorch backend the same layer with
+    # a fused kernel (faster; see kerasrot.backend).
+    return backend.batch_normalization(
         axis=channel_axis(), epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name
     )(x)
 
@@ -259,13 +263,12 @@ def transfer_weights(source, target, skip_blocks=("head",)):
 def export(model, spec):
     """A portable copy of `model`: NHWC, float32, no optimizer.
 
-    Models may train in NCHW or mixed precision (`kerasrot.backend`); the
-    copy saved for users is rebuilt in Keras' defaults so that it loads
+    Models may train in NCHW, in mixed precision or with a fused BatchNorm
+    (`kerasrot.backend`); the copy saved for users is rebuilt with Keras'
+    defaults and stock layers so that it loads
     and gives the same logits under every backend.
     """
-    from kerasrot import backend
-
-    with backend.layout("channels_last", "float32"):
+    with backend.layout("channels_last", "float32", fused_batchnorm="off"):
         portable = build_model(**spec, name=model.name)
     transfer_weights(model, portable, skip_blocks=())
     return portable

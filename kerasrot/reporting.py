@@ -65,6 +65,7 @@ def provenance(command, backend_name, device, data_source, wall_seconds, setting
         "pipeline": sorted({s["pipeline"] for s in settings}),
         "precision": sorted({s["precision"] for s in settings}),
         "data_format": sorted({s["data_format"] for s in settings}),
+        "fused_batchnorm": sorted({s.get("fused_batchnorm", "off") for s in settings}),
         "platform": f"{platform.system()} {platform.machine()}, {sys.implementation.name}",
     }
 
@@ -116,7 +117,8 @@ def markdown_table(metrics):
     lines += [
         "",
         f"Made by `{p['command']}` on {p['device']}, backend {p['backend']} "
-        f"(precision {', '.join(p['precision'])}, data format {', '.join(p['data_format'])}), "
+        f"(precision {', '.join(p['precision'])}, data format {', '.join(p['data_format'])}"
+        f"{', fused BatchNorm' if 'on' in p.get('fused_batchnorm', []) else ''}), "
         f"data: {p['data']}, commit {p['commit']}, {p['wall_seconds'] / 60:.1f} min.",
     ]
     if "image folder" in p["data"]:

@@ -39,7 +39,9 @@ def resolve_stages(recipe, options):
     """Fills in "auto" settings for this machine and keys the stages with the data source."""
     for stage in recipe.stages:
         s = stage.settings
-        s["data_format"], s["precision"] = backend.resolve(s["data_format"], s["precision"])
+        s["data_format"], s["precision"], s["fused_batchnorm"] = backend.resolve(
+            s["data_format"], s["precision"], s["fused_batchnorm"]
+        )
         if options.pipeline:
             s["pipeline"] = options.pipeline
         if s["pipeline"] == "auto":
@@ -85,7 +87,7 @@ def build_stage_model(stage, workdir, num_classes):
     s = stage.settings
     keras.utils.set_random_seed(s["seed"])
     name = f"{s['model']}_{stage.task}_{s['dataset']}"
-    with backend.layout(s["data_format"], s["precision"]):
+    with backend.layout(s["data_format"], s["precision"], s["fused_batchnorm"]):
         model = models.build_model(**model_spec(s, num_classes), name=name)
     if stage.task == "classify" and s["init"] != "random":
         source = keras.saving.load_model(stage_dir(workdir, stage.init_stage) / "model.keras")

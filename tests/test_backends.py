@@ -1,7 +1,7 @@
 """A checkpoint saved under one backend gives the same logits under every other.
 
 The model trains one step under the current backend (in its fast layout:
-channels_first / mixed precision where `kerasrot.backend` picks them), is
+channels_first / mixed precision / fused BatchNorm where `kerasrot.backend` picks them), is
 exported and saved; fresh processes under the other backends load it and
 compare logits on a fixed batch.
 """
@@ -39,8 +39,7 @@ def _train_one_step_and_save(path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(32, 32, 32, 3)).astype("float32")
     labels = rng.integers(0, 10, size=32)
-    data_format, precision = backend.resolve()
-    with backend.layout(data_format, precision):
+    with backend.layout(*backend.resolve()):
         model = models.build_model(**SPEC)
     training.compile_model(model, SETTINGS, steps_per_epoch=1)
     model.train_on_batch(images, labels)

@@ -80,7 +80,7 @@ def test_export_of_a_fast_layout_model_is_nhwc_float32_with_the_same_weights_and
     if keras.backend.backend() == "tensorflow" and data_format == "channels_first":
         pytest.skip("TensorFlow's CPU convolutions support channels_last only")
     spec = {"arch": "resnet18", "num_classes": 4, "stem": "imagenet", "image_size": 32}
-    with backend.layout(data_format, precision):
+    with backend.layout(data_format, precision, fused_batchnorm="on"):
         fast = models.build_model(**spec)
     if precision == "float32":
         _train_step(fast, num_classes=4)  # non-trivial BN statistics (bf16 steps are slow on CPU)

@@ -31,6 +31,20 @@ def test_crop_at_padding_offset_without_flip_is_identity_and_flip_mirrors():
     np.testing.assert_array_equal(flipped[1], images[1])
 
 
+def test_crop_and_flip_matches_numpy_slicing():
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (6, 32, 32, 3)).astype("float32")
+    offsets = rng.integers(0, 2 * CROP_PADDING + 1, (6, 2))
+    flips = np.array([True, False, True, False, False, True])
+    ours = keras.ops.convert_to_numpy(crop_and_flip(images, offsets, flips))
+    padded = np.pad(images, ((0, 0), (CROP_PADDING,) * 2, (CROP_PADDING,) * 2, (0, 0)))
+    for i, (dy, dx) in enumerate(offsets):
+        expected = padded[i, dy : dy + 32, dx : dx + 32]
+        if flips[i]:
+            expected = expected[:, ::-1]
+        np.testing.assert_array_equal(ours[i], expected)
+
+
 def test_crop_shifts_image_and_fills_with_zeros():
     images = np.ones((1, 8, 8, 1), dtype="float32")
     shifted = as_numpy(crop_and_flip(images, np.array([[0, CROP_PADDING]], dtype="int32"), np.array([False])))

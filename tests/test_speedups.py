@@ -1,0 +1,100 @@
+"""Every speed-up leaves the training results unchanged (within float tolerance).
+
+The fast settings (`kerasrot.backend`: channels_first, fused BatchNorm,
+mixed bfloat16) change *how* a step is computed, never *what*: the same model from the same weights, trained on the
+same batches, follows the same loss trajectory and ends with the same
+BatchNorm statistics as Keras' defaults (channels_last, float32, stock layers).
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from kerasrot import backend, models, training
+
+SPEC = {"arch": "resnet18", "num_classes": 4, "stem": "imagenet", "image_size": 32}
+SETTINGS = {
+    "learning_rate": 2e-4, "schedule": "constant", "epochs": 1, "optimizer": "sgd", "momentum": 0.9,
+    "nesterov": True, "weight_decay": 5e-3, "label_smoothing": 0.0, "jit_compile": False,
+}
+STEPS = 5
+
+
+def _trajectory(data_format, precision, fused_batchnorm, start_weights):
+    """Losses of STEPS training steps on one batch from `start_weights`, and the final moving statistics."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (32, 32, 32, 3)).astype("float32")
+    labels = rng.integers(0, 4, 32)
+    with backend.layout(data_format, precision, fused_batchnorm):
+        model = models.build_model(**SPEC)
+    model.set_weights(start_weights)
+    training.compile_model(model, SETTINGS, steps_per_epoch=STEPS)
+    losses = []
+    for _ in range(STEPS):
+        losses.append(float(model.train_on_batch(images, labels, return_dict=True)["loss"]))
+    moving = [keras.ops.convert_to_numpy(w) for w in model.weights if "moving" in w.path]
+    return np.array(losses), moving
+
+
+@pytest.fixture(scope="module")
+def trajectory():
+    """`trajectory(data_format, precision, fused_batchnorm)`, each computed once, all from one start."""
+    keras.utils.set_random_seed(0)
+    with backend.layout("channels_last", "float32", "off"):
+        start_weights = models.build_model(**SPEC).get_weights()
+    seen = {}
+
+    def run(*config):
+        if config not in seen:
+            seen[config] = _trajectory(*config, start_weights)
+        return seen[config]
+
+    return run
+
+
+KERAS_DEFAULTS = ("channels_last", "float32", "off")
+
+
+@pytest.mark.parametrize(
+    "fast",
+    [("channels_first", "float32", "off"), ("channels_last", "float32", "on"), ("channels_first", "float32", "on")],
+    ids=["channels_first", "fused_batchnorm", "channels_first+fused_batchnorm"],
+)
+def test_fast_float32_settings_follow_keras_defaults(trajectory, fast):
+    if keras.backend.backend() == "tensorflow" and fast[0] == "channels_first":
+        pytest.skip("TensorFlow's CPU convolutions support channels_last only")
+    if keras.backend.backend() != "torch" and fast[2] == "on":
+        pytest.skip("fused BatchNorm is a PyTorch-backend speed-up (elsewhere Keras' layer is used)")
+    losses, moving = trajectory(*KERAS_DEFAULTS)
+    fast_losses, fast_moving = trajectory(*fast)
+    assert losses[-1] < 0.5 * losses[0]  # it learns: the comparison is not between two constants
+    np.testing.assert_allclose(fast_losses, losses, rtol=1e-3, atol=1e-3 * losses[0])
+    for ours, theirs in zip(fast_moving, moving):
+        np.testing.assert_allclose(ours, theirs, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("fused_batchnorm", ["off", "on"])
+def test_mixed_bfloat16_follows_float32_within_its_precision(trajectory, fused_batchnorm):
+    """bfloat16 keeps 8 bits of mantissa: a few percent, with Keras' BatchNorm as with the fused one."""
+    if keras.backend.backend() == "tensorflow":
+        pytest.skip("TensorFlow's CPU convolutions support channels_last only")
+    if keras.backend.backend() != "torch" and fused_batchnorm == "on":
+        pytest.skip("fused BatchNorm is a PyTorch-backend speed-up (elsewhere Keras' layer is used)")
+    losses, moving = trajectory(*KERAS_DEFAULTS)
+    fast_losses, fast_moving = trajectory("channels_first", "mixed_bfloat16", fused_batchnorm)
+    np.testing.assert_allclose(fast_losses, losses, rtol=0.1, atol=0.05 * losses[0])
+    for ours, theirs in zip(fast_moving, moving):
+        np.testing.assert_allclose(ours, theirs, rtol=0.1, atol=0.1)
+
+
+def test_fused_batchnorm_is_used_only_where_asked_and_exports_as_keras_own():
+    with backend.layout("channels_first", "float32", "on"):
+        fast = models.build_model(**SPEC)
+    bn_classes = {type(layer) for layer in fast.layers if isinstance(layer, keras.layers.BatchNormalization)}
+    expected = backend.FusedBatchNormalization if keras.backend.backend() == "torch" else keras.layers.BatchNormalization
+    assert bn_classes == {expected}
+    portable = models.export(fast, SPEC)
+    assert {type(layer) for layer in portable.layers if isinstance(layer, keras.layers.BatchNormalization)} == {
+        keras.layers.BatchNormalization
+    }
+    assert not backend._fused_batchnorm  # the layout was restored
