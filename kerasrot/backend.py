@@ -11,6 +11,7 @@ it fast, and both depend on where it runs:
 * `precision`: `mixed_bfloat16` computes in bfloat16 with float32 weights.
   It pays where the hardware does bfloat16 natively (recent NVIDIA GPUs,
   CPUs with AVX512-BF16 or AMX under PyTorch), and costs elsewhere.
+* `jit_compile`: on for JAX, which is slow uncompiled (`resolve_jit_compile`).
 * `fused_batchnorm`: Keras builds BatchNormalization from elementwise ops
   (mean, square, subtract, rsqrt, ...), each a pass over the activations
   forward and again backward. On the PyTorch backend that is about 40% of
@@ -32,6 +33,7 @@ import keras
 DATA_FORMATS = ("auto", "channels_last", "channels_first")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 FUSED_BATCHNORM = ("auto", "on", "off")
+JIT_COMPILE = ("auto", "on", "off")
 
 
 def name():
@@ -76,6 +78,19 @@ def resolve(data_format="auto", precision="auto", fused_batchnorm="auto"):
     if fused_batchnorm == "auto" or backend != "torch":
         fused_batchnorm = "on" if backend == "torch" else "off"
     return data_format, precision, fused_batchnorm
+
+
+def resolve_jit_compile(jit_compile="auto"):
+    """Whether to compile the train step: "on" or "off".
+
+    JAX must compile (XLA): uncompiled, Keras runs it op by op in Python,
+    about ten times slower. PyTorch runs eagerly; `torch.compile` took two
+    minutes per model here and then ran slower than eager on the CPU.
+    TensorFlow runs a graph (`tf.function`) either way; XLA is opt-in.
+    """
+    if jit_compile == "auto":
+        return "on" if name() == "jax" else "off"
+    return jit_compile
 
 
 _fused_batchnorm = False  # set by `layout`, read by `batch_normalization`

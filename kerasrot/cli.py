@@ -32,6 +32,36 @@ def _check_backend():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     if name not in BACKENDS:
         raise Failure(f"error: KERAS_BACKEND={name!r} is not supported; use one of {', '.join(BACKENDS)}")
+    _import_tensorflow_quietly()
+
+
+def _import_tensorflow_quietly():
+    """Imports TensorFlow (tf.data, tfds, its backend) without its C++ start-up chatter.
+
+    TensorFlow 2.21 logs "oneDNN custom operations are on" and more to
+    stderr through absl, which `TF_CPP_MIN_LOG_LEVEL` no longer silences.
+    So the import runs with the stderr file descriptor sent to a temporary
+    file, which is shown only if the import fails.
+    """
+    import importlib.util
+    import tempfile
+
+    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as chatter:
+        os.dup2(chatter.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except Exception:
+            os.dup2(saved, 2)
+            chatter.seek(0)
+            sys.stderr.write(chatter.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _friendly_errors(function):

@@ -29,7 +29,7 @@ import json
 import tomllib
 from pathlib import Path
 
-from kerasrot.backend import DATA_FORMATS, FUSED_BATCHNORM, PRECISIONS
+from kerasrot.backend import DATA_FORMATS, FUSED_BATCHNORM, JIT_COMPILE, PRECISIONS
 from kerasrot.data import DATASETS
 from kerasrot.models import ARCHITECTURES, STEMS, TRAINABLE_CHOICES
 from kerasrot.pipeline import PIPELINES
@@ -85,7 +85,7 @@ SETTINGS = {
     "data_format": Setting(str, "layout inside the network", DATA_FORMATS),
     "precision": Setting(str, "compute precision", PRECISIONS),
     "fused_batchnorm": Setting(str, "BatchNorm with PyTorch's fused kernel (torch backend only)", FUSED_BATCHNORM),
-    "jit_compile": Setting(bool, "compile the train step (torch.compile / XLA)"),
+    "jit_compile": Setting(str, "compile the train step (XLA / torch.compile); auto: JAX only", JIT_COMPILE),
     "pipeline": Setting(str, "input pipeline (\"auto\": memory, see kerasrot.pipeline)", ("auto", *PIPELINES)),
     # stage wiring (set in recipes, not usually overridden)
     "init": Setting(str, "classify: \"random\" or the name of an earlier rotation stage"),

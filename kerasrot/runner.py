@@ -42,6 +42,7 @@ def resolve_stages(recipe, options):
         s["data_format"], s["precision"], s["fused_batchnorm"] = backend.resolve(
             s["data_format"], s["precision"], s["fused_batchnorm"]
         )
+        s["jit_compile"] = backend.resolve_jit_compile(s["jit_compile"])
         if options.pipeline:
             s["pipeline"] = options.pipeline
         if s["pipeline"] == "auto":
