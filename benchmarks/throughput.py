@@ -144,10 +144,12 @@ def synthetic_cifar(num_images=50000, seed=0):
     return rng.integers(0, 256, size=(num_images, 32, 32, 3), dtype=np.uint8)
 
 
-def _kerasrot_batches(images, batch_size, num_batches, seed, pipeline):
-    from kerasrot import pipeline as kp
+def make_batches(images, batch_size, pipeline="memory", num_batches=10, seed=0):
+    """Yields `num_batches` (x, y) of `kerasrot.pipeline.Batches`, as a rotation stage gets them:
+    x `[4B, H, W, 3]` float32 0-255 (augmented, then rotated), y `[4B]` int32."""
+    from kerasrot.pipeline import Batches
 
-    batches = kp.Batches(
+    batches = Batches(
         images,
         np.zeros(len(images), "int32"),
         batch_size,
@@ -160,12 +162,6 @@ def _kerasrot_batches(images, batch_size, num_batches, seed, pipeline):
     )
     for i in range(num_batches):
         yield batches[i]
-
-
-def make_batches(images, batch_size, pipeline="memory", num_batches=10, seed=0):
-    """Yields `num_batches` (x, y) of `kerasrot.pipeline.Batches`, as a rotation stage gets them:
-    x `[4B, H, W, 3]` float32 0-255 (augmented, then rotated), y `[4B]` int32."""
-    return _kerasrot_batches(images, batch_size, num_batches, seed, pipeline)
 
 
 def bench_pipeline(pipeline, images, batch_size, num_batches, repeats):

@@ -29,14 +29,18 @@ class Failure(click.ClickException):
 def _check_backend():
     name = os.environ.get("KERAS_BACKEND", "torch")
     os.environ.setdefault("KERAS_BACKEND", "torch")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's runtime logs (start-up: below)
     if name not in BACKENDS:
         raise Failure(f"error: KERAS_BACKEND={name!r} is not supported; use one of {', '.join(BACKENDS)}")
-    _import_tensorflow_quietly()
+    if name == "tensorflow":  # Keras imports it at once; other backends only where data is read
+        _import_tensorflow_quietly()
 
 
 def _import_tensorflow_quietly():
     """Imports TensorFlow (tf.data, tfds, its backend) without its C++ start-up chatter.
+
+    Called before the first import of TensorFlow: at start-up on its backend,
+    else by the commands that read data (`run`, `evaluate`).
 
     TensorFlow 2.21 logs "oneDNN custom operations are on" and more to
     stderr through absl, which `TF_CPP_MIN_LOG_LEVEL` no longer silences.
@@ -158,6 +162,7 @@ def show(recipe, preset, overrides):
 @_friendly_errors
 def run(recipe, preset, data_dir, workdir, results, pipeline, overrides):
     """Train and evaluate every stage of RECIPE, then write its results."""
+    _import_tensorflow_quietly()
     from kerasrot import backend, data, recipes, reporting, runner
 
     started = time.perf_counter()
@@ -200,6 +205,7 @@ def run(recipe, preset, data_dir, workdir, results, pipeline, overrides):
 @_friendly_errors
 def evaluate(checkpoint, data_dir, dataset, test_images_per_class, pipeline):
     """Accuracy of a saved .keras model on the test set of its task."""
+    _import_tensorflow_quietly()
     from kerasrot import evaluation
 
     report = evaluation.evaluate_checkpoint(

@@ -94,7 +94,7 @@ def compile_model(model, settings, steps_per_epoch):
         optimizer=make_optimizer(settings, steps_per_epoch),
         loss=make_loss(settings),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=settings["jit_compile"] in (True, "on"),
+        jit_compile=settings["jit_compile"] == "on",
     )
     return model
 

@@ -21,7 +21,7 @@ BACKENDS = [b for b in ("torch", "jax", "tensorflow") if importlib.util.find_spe
 SPEC = {"arch": "resnet18", "num_classes": 10, "stem": "imagenet", "image_size": 32}
 SETTINGS = {
     "learning_rate": 0.05, "schedule": "constant", "epochs": 1, "optimizer": "sgd", "momentum": 0.9,
-    "nesterov": True, "weight_decay": 5e-3, "label_smoothing": 0.0, "jit_compile": False,
+    "nesterov": True, "weight_decay": 5e-3, "label_smoothing": 0.0, "jit_compile": "off",
 }
 
 LOAD_AND_PREDICT = """

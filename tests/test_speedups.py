@@ -15,7 +15,7 @@ from kerasrot import backend, models, training
 SPEC = {"arch": "resnet18", "num_classes": 4, "stem": "imagenet", "image_size": 32}
 SETTINGS = {
     "learning_rate": 2e-4, "schedule": "constant", "epochs": 1, "optimizer": "sgd", "momentum": 0.9,
-    "nesterov": True, "weight_decay": 5e-3, "label_smoothing": 0.0, "jit_compile": False,
+    "nesterov": True, "weight_decay": 5e-3, "label_smoothing": 0.0, "jit_compile": "off",
 }
 STEPS = 5
 

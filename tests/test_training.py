@@ -8,7 +8,7 @@ from kerasrot.pipeline import Batches
 SETTINGS = {
     "epochs": 4, "learning_rate": 0.05, "schedule": "cosine", "warmup_epochs": 1, "step_epochs": [2],
     "step_gamma": 0.1, "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3,
-    "label_smoothing": 0.0, "jit_compile": False, "verbose": 0,
+    "label_smoothing": 0.0, "jit_compile": "off", "verbose": 0,
 }
 
 
