@@ -49,6 +49,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
+from kerasrot import backend as kerasrot_backend  # noqa: E402
 
 NETWORKS = {
     "resnet18-imagenet": ("resnet18", "imagenet"),
@@ -105,7 +106,8 @@ def device_line():
 
         gpus = tf.config.list_physical_devices("GPU")
         gpu = gpus[0].name if gpus else None
-    cpu = f"{cpu_name()}, {os.cpu_count()} cores"
+    extensions = kerasrot_backend.cpu_vector_extensions()
+    cpu = f"{cpu_name()}" + (f" ({extensions})" if extensions else "") + f", {os.cpu_count()} cores"
     return f"GPU {gpu} (host: {cpu})" if gpu else f"CPU {cpu}"
 
 
@@ -209,7 +211,9 @@ def build_keras(arch, stem, variant, precision, lr=0.01):
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=True if variant.jit else "auto",
+        # Only the `jit` token compiles: Keras' "auto" would pick XLA on TensorFlow,
+        # which kerasrot's runs do not use (jit_compile "auto" is on for JAX only).
+        jit_compile=bool(variant.jit),
         steps_per_execution=variant.spe,
     )
     return model
