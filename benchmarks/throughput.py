@@ -75,17 +75,6 @@ def torch_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_line():
     backend = keras.backend.backend()
     gpu = None
@@ -106,8 +95,7 @@ def device_line():
 
         gpus = tf.config.list_physical_devices("GPU")
         gpu = gpus[0].name if gpus else None
-    extensions = kerasrot_backend.cpu_vector_extensions()
-    cpu = f"{cpu_name()}" + (f" ({extensions})" if extensions else "") + f", {os.cpu_count()} cores"
+    cpu = kerasrot_backend.cpu_description()
     return f"GPU {gpu} (host: {cpu})" if gpu else f"CPU {cpu}"
 
 

@@ -178,15 +178,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         return keras.ops.cast(y, self.compute_dtype)
 
 
-def device_description():
-    """A short description of the machine, for the provenance of results."""
-    if has_gpu():
-        backend = name()
-        if backend == "torch":
-            import torch
-
-            return f"GPU {torch.cuda.get_device_name(0)}"
-        return f"GPU ({backend})"
+def cpu_description():
+    """E.g. "AMD EPYC (AVX2), 2 cores": model name, widest vector extensions, cores."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -197,4 +190,16 @@ def device_description():
     except OSError:
         pass
     extensions = cpu_vector_extensions()
-    return f"CPU {cpu}" + (f" ({extensions})" if extensions else "") + f", {os.cpu_count()} cores"
+    return cpu + (f" ({extensions})" if extensions else "") + f", {os.cpu_count()} cores"
+
+
+def device_description():
+    """A short description of the machine, for the provenance of results."""
+    if has_gpu():
+        backend = name()
+        if backend == "torch":
+            import torch
+
+            return f"GPU {torch.cuda.get_device_name(0)}"
+        return f"GPU ({backend})"
+    return f"CPU {cpu_description()}"
