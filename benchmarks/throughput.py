@@ -46,6 +46,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # jax beside torch on a GPU
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import kerasrot  # noqa: E402,F401  (first: its TensorFlow oneDNN default precedes Keras importing TensorFlow)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402

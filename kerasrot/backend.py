@@ -18,6 +18,8 @@ it fast, and both depend on where it runs:
   a CPU training step; `FusedBatchNormalization` below calls PyTorch's
   fused kernel instead, with Keras' semantics. Other backends fuse these
   ops themselves (XLA), so there it changes nothing.
+* TensorFlow's oneDNN kernels: on by default in `kerasrot/__init__.py`,
+  because TensorFlow reads that switch when it is imported (see there).
 
 "auto" picks per backend and device; the choice is recorded with results.
 Checkpoints that we hand to users are always re-exported as NHWC float32
