@@ -46,11 +46,11 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # jax beside torch on a GPU
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import kerasrot  # noqa: E402,F401  (first: its TensorFlow oneDNN default precedes Keras importing TensorFlow)
+# kerasrot first: importing it sets its TensorFlow oneDNN default before Keras imports TensorFlow.
+from kerasrot import backend as kerasrot_backend  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
-from kerasrot import backend as kerasrot_backend  # noqa: E402
 
 NETWORKS = {
     "resnet18-imagenet": ("resnet18", "imagenet"),

@@ -57,16 +57,22 @@ def has_gpu():
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def _cpu_flags():
-    """The CPU's feature flags (Linux), e.g. {"avx2", "avx512f", ...}; empty elsewhere."""
+def _cpuinfo(field):
+    """The first CPU's `field` in /proc/cpuinfo (Linux), e.g. "model name"; None elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                if key.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def _cpu_flags():
+    """The CPU's feature flags, e.g. {"avx2", "avx512f", ...}; empty where unknown."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def cpu_has_native_bfloat16():
@@ -182,15 +188,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 
 def cpu_description():
     """E.g. "AMD EPYC (AVX2), 2 cores": model name, widest vector extensions, cores."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = _cpuinfo("model name") or platform.processor() or platform.machine()
     extensions = cpu_vector_extensions()
     return cpu + (f" ({extensions})" if extensions else "") + f", {os.cpu_count()} cores"
 
