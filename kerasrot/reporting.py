@@ -8,7 +8,6 @@ everything else in `results/<recipe>/<preset>/` is rendered from it, so
 import csv
 import io
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -40,10 +39,7 @@ def git_commit():
             cwd=here, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        # A copy of a checkout without its .git folder (a lent GPU machine, a
-        # container image): whoever made the copy can say which commit it is.
-        copied_from = os.environ.get("KERASROT_COMMIT")
-        return f"{copied_from} (copied tree)" if copied_from else "unknown (not a git checkout)"
+        return "unknown (not a git checkout)"
     return commit + ("-dirty" if dirty else "")
 
 

@@ -100,17 +100,6 @@ def test_report_redraws_from_metrics(table2_run):
     assert (out / "table.md").exists()
 
 
-def test_results_name_their_commit_also_from_a_copy_without_git(tmp_path, monkeypatch):
-    from kerasrot import reporting
-
-    assert len(reporting.git_commit().split("-")[0]) == 40  # this checkout
-    # A lent GPU machine gets the tree without .git: the commit comes from the caller.
-    monkeypatch.setattr(reporting.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
-    assert reporting.git_commit() == "unknown (not a git checkout)"
-    monkeypatch.setenv("KERASROT_COMMIT", "0bbd794")
-    assert reporting.git_commit() == "0bbd794 (copied tree)"
-
-
 def test_failing_run_leaves_earlier_results_untouched(table2_run, tmp_path):
     root, _ = table2_run
     before = (results_of(root) / "metrics.json").read_bytes()
