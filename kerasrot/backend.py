@@ -196,10 +196,22 @@ def cpu_description():
 def device_description():
     """A short description of the machine, for the provenance of results."""
     if has_gpu():
-        backend = name()
-        if backend == "torch":
-            import torch
-
-            return f"GPU {torch.cuda.get_device_name(0)}"
-        return f"GPU ({backend})"
+        return f"GPU {gpu_name()}"
     return f"CPU {cpu_description()}"
+
+
+def gpu_name():
+    """The first GPU's model name as the backend reports it ("NVIDIA H200")."""
+    backend = name()
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    if backend == "jax":
+        import jax
+
+        return jax.devices()[0].device_kind
+    import tensorflow as tf
+
+    gpu = tf.config.list_physical_devices("GPU")[0]
+    return tf.config.experimental.get_device_details(gpu).get("device_name", "(tensorflow)")

@@ -82,6 +82,25 @@ def test_device_description_names_the_cpu_vector_extensions(monkeypatch):
     assert not backend.cpu_has_native_bfloat16()
 
 
+def test_device_description_names_the_gpu_on_every_backend(monkeypatch):
+    # A GPU result says which card made it, whichever backend ran (no GPU here:
+    # the backend's own answer is faked).
+    import types
+
+    monkeypatch.setattr(backend, "has_gpu", lambda: True)
+    fakes = {
+        "torch": types.SimpleNamespace(cuda=types.SimpleNamespace(get_device_name=lambda i: "NVIDIA H200")),
+        "jax": types.SimpleNamespace(devices=lambda: [types.SimpleNamespace(device_kind="NVIDIA H200")]),
+        "tensorflow": types.SimpleNamespace(config=types.SimpleNamespace(
+            list_physical_devices=lambda kind: ["gpu:0"],
+            experimental=types.SimpleNamespace(get_device_details=lambda d: {"device_name": "NVIDIA H200"}))),
+    }
+    for backend_name, module in fakes.items():
+        monkeypatch.setattr(backend, "name", lambda b=backend_name: b)
+        monkeypatch.setitem(sys.modules, backend_name, module)
+        assert backend.device_description() == "GPU NVIDIA H200", backend_name
+
+
 def test_importing_kerasrot_turns_on_tensorflows_onednn_kernels():
     # TensorFlow enables oneDNN by itself only on AVX-512 CPUs; without it, its
     # convolutions ran 7.9x slower on AVX2 (kerasrot/__init__.py).
