@@ -163,6 +163,7 @@ def plot_curves(metrics, path):
             epochs = [r["epoch"] for r in stage["history"]]
             ax.plot(epochs, [100 * r.get("val_accuracy", 0) for r in stage["history"]], marker="o", label=name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # no epoch 2.5
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("rotation prediction" if task == "rotation" else "CIFAR-10 classification")
         ax.grid(alpha=0.3)
