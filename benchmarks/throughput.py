@@ -77,27 +77,8 @@ def torch_device():
 
 
 def device_line():
-    backend = keras.backend.backend()
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    if gpu is None and backend == "jax":
-        import jax
-
-        if jax.default_backend() == "gpu":
-            gpu = str(jax.devices()[0].device_kind)
-    if gpu is None and backend == "tensorflow":
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        gpu = gpus[0].name if gpus else None
     cpu = kerasrot_backend.cpu_description()
-    return f"GPU {gpu} (host: {cpu})" if gpu else f"CPU {cpu}"
+    return f"GPU {kerasrot_backend.gpu_name()} (host: {cpu})" if gpu() else f"CPU {cpu}"
 
 
 def versions_line():
@@ -113,7 +94,7 @@ def versions_line():
 
 
 def gpu():
-    return device_line().startswith("GPU")
+    return kerasrot_backend.has_gpu()
 
 
 def sync():
