@@ -22,7 +22,7 @@ It prints one Markdown table:
 
 Keras variants (`--variants`, comma separated; tokens joined with `+`):
     cl / cf   image_data_format channels_last / channels_first
-    fbn       fused BatchNorm (kerasrot.backend.FusedBatchNormalization,
+    fbn       fused BatchNorm (kerasrot.runner.speed.FusedBatchNormalization,
               torch.native_batch_norm; the recipes' default on torch)
     jit       compile(jit_compile=True) (torch.compile on torch: minutes!)
     fit       time model.fit(steps_per_epoch=--fit-steps) instead of train_on_batch
@@ -47,10 +47,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # jax beside to
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # kerasrot first: importing it sets its TensorFlow oneDNN default before Keras imports TensorFlow.
-from kerasrot import backend as kerasrot_backend  # noqa: E402
+from kerasrot.runner import device  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
+
+from kerasrot.models import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from kerasrot.rotations import NUM_ROTATIONS  # noqa: E402
 
 NETWORKS = {
     "resnet18-imagenet": ("resnet18", "imagenet"),
@@ -59,10 +62,6 @@ NETWORKS = {
     "densenet121-cifar": ("densenet121", "cifar"),  # slow on a CPU
 }
 DEFAULT_NETWORKS = "resnet18-imagenet,resnet18-cifar,densenet121-imagenet"
-NUM_ROTATIONS = 4
-CROP_PADDING = 4
-CIFAR10_MEAN = (125.3, 123.0, 113.9)  # as kerasrot.models
-CIFAR10_STD = (63.0, 62.1, 66.7)
 
 
 # ---------------------------------------------------------------------------
@@ -77,8 +76,8 @@ def torch_device():
 
 
 def device_line():
-    cpu = kerasrot_backend.cpu_description()
-    return f"GPU {kerasrot_backend.gpu_name()} (host: {cpu})" if gpu() else f"CPU {cpu}"
+    cpu = device.cpu_description()
+    return f"GPU {device.gpu_name()} (host: {cpu})" if gpu() else f"CPU {cpu}"
 
 
 def versions_line():
@@ -94,7 +93,7 @@ def versions_line():
 
 
 def gpu():
-    return kerasrot_backend.has_gpu()
+    return device.has_gpu()
 
 
 def sync():
@@ -130,10 +129,12 @@ def make_batches(images, batch_size, pipeline="memory", num_batches=10, seed=0):
         shuffle=True,
         seed=seed,
         epoch_length=batch_size * num_batches,
-        pipeline=pipeline,
     )
-    for i in range(num_batches):
-        yield batches[i]
+    if pipeline == "tfdata":
+        yield from batches.as_tf_dataset()
+    else:
+        for i in range(num_batches):
+            yield batches[i]
 
 
 def bench_pipeline(pipeline, images, batch_size, num_batches, repeats):
@@ -173,11 +174,12 @@ class Variant:
 
 
 def build_keras(arch, stem, variant, precision, lr=0.01):
-    from kerasrot import backend, models
+    from kerasrot import models
+    from kerasrot.runner import speed
 
-    fused = "on" if variant.fused_bn else "off"
-    with backend.layout(variant.data_format, precision, fused):
-        model = models.build_model(arch, NUM_ROTATIONS, stem, 32)
+    model = models.build_model(arch, NUM_ROTATIONS, stem, 32, data_format=variant.data_format, dtype=precision)
+    if variant.fused_bn:
+        model = speed.with_fused_batchnorm(model)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -403,8 +405,8 @@ def main(argv=None):
                                  "", f"{rate['torch']:.1f}", "", spread(times["torch"])))
                 del runners
 
-    print(f"\n| what | configuration | keras (samples/s) | pytorch (samples/s) | "
-          f"keras/pytorch | step s (min-max) |")
+    print("\n| what | configuration | keras (samples/s) | pytorch (samples/s) | "
+          "keras/pytorch | step s (min-max) |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -1,23 +1,26 @@
 """Data: CIFAR-10 and ImageNette as NumPy arrays of uint8 images and int labels.
 
 Both datasets are small enough to hold in memory (CIFAR-10 is 150 MB), so
-every split is read once into arrays and the pipelines (`kerasrot.pipeline`)
-work from there. Three ways in:
+every split is read once into arrays and `kerasrot.pipeline` makes batches
+from there. Two ways in:
 
-* `tfds.load(name)`: downloads and prepares the dataset (needs internet);
-  used when no data directory is given.
-* `DATA_DIR/<dataset>/<split>/<class>/*.jpg|png` read by
-  `tfds.folder_dataset.ImageFolder`, offline.
-* the same folders read with Pillow where TensorFlow is not installed
-  (the lent GPU machines have none).
+* `tfds.load(name)` downloads and prepares the dataset (needs internet).
+* `--data-dir DIR` reads image folders, `DIR/<dataset>/<split>/<class>/*.jpg`
+  (or .jpeg, .png), offline, with `tfds.folder_dataset.ImageFolder`.
 
-Whatever reads them, images come out in one canonical order (sorted file
-paths), converted to RGB (grayscale and PNG work) and resized to the
-model's input size, so both readers give the same arrays.
+Image folders have a second reader, Pillow, used only where TensorFlow is
+not installed. It earns its place because GPU machines without TensorFlow
+must still read the data (the lent ones have none, and its wheel is several
+times larger than what can be copied to them); it is not faster (CIFAR-10's
+50,000 training JPEGs on 2 cores: 8.3 s with Pillow, 11.5 s with
+ImageFolder). Both decode exactly (TensorFlow's default JPEG decoder is a
+fast, inexact one) and resize the same way, so they give the same arrays and
+a run gives the same result whichever read its data (tests/test_data.py).
 """
 
 import dataclasses
 import functools
+import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,23 +36,14 @@ class DataError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    name: str
     tfds_name: str
-    folders: dict  # our split name -> folder / tfds split name
-    tfds_splits: dict
+    splits: dict  # our split name -> (image folder name, tfds split name)
     num_classes: int = 10
 
 
 DATASETS = {
-    "cifar10": DatasetInfo(
-        "cifar10", "cifar10", {"train": "train", "test": "test"}, {"train": "train", "test": "test"}
-    ),
-    "imagenette": DatasetInfo(
-        "imagenette",
-        "imagenette/160px-v2",
-        {"train": "train", "test": "val"},
-        {"train": "train", "test": "validation"},
-    ),
+    "cifar10": DatasetInfo("cifar10", {"train": ("train", "train"), "test": ("test", "test")}),
+    "imagenette": DatasetInfo("imagenette/160px-v2", {"train": ("train", "train"), "test": ("val", "validation")}),
 }
 
 
@@ -71,27 +65,13 @@ class Split:
 
 def dataset_info(name):
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[name]
 
 
-def default_data_dir():
-    """`KERASROT_DATA_DIR` if set, else None (download with tfds)."""
-    return os.environ.get("KERASROT_DATA_DIR") or None
-
-
-def default_reader():
-    """`tfds` (ImageFolder) where TensorFlow is installed, else `pillow`."""
-    try:
-        import tensorflow_datasets  # noqa: F401
-    except ImportError:
-        return "pillow"
-    return "tfds"
-
-
 @functools.lru_cache(maxsize=8)
-def load_split(dataset, split, image_size, data_dir=None, reader="auto"):
-    """Reads a whole split into memory (memoised: stages of a run share it).
+def load_split(dataset, split, image_size, data_dir=None):
+    """Reads a whole split into memory (memoised: the stages of a run share it).
 
     Args:
         dataset: "cifar10" or "imagenette".
@@ -99,42 +79,33 @@ def load_split(dataset, split, image_size, data_dir=None, reader="auto"):
         image_size: images are resized to `image_size x image_size`.
         data_dir: folder holding `<dataset>/<split>/<class>/` image folders;
             None downloads with `tfds.load`.
-        reader: "pillow", "tfds" or "auto" (`default_reader()`), for image folders.
     """
     info = dataset_info(dataset)
-    reader = default_reader() if reader == "auto" else reader
+    folder, tfds_split = info.splits[split]
     if data_dir is None:
-        return _read_with_tfds_load(info, split, image_size)
-    root = Path(data_dir).expanduser() / info.name
-    files, labels, class_names = list_image_folder(root, info.folders[split])
+        return _read_with_tfds_load(info, tfds_split, image_size)
+    root = Path(data_dir).expanduser() / dataset
+    files, labels, class_names = list_image_folder(root / folder)
     if len(class_names) != info.num_classes:
-        raise DataError(
-            f"{root / info.folders[split]} has {len(class_names)} class folders, "
-            f"{info.name} has {info.num_classes}"
-        )
-    if reader == "tfds":
-        images = _decode_with_tfds(root, info.folders[split], files, image_size)
+        raise DataError(f"{root / folder} has {len(class_names)} class folders, {dataset} has {info.num_classes}")
+    if importlib.util.find_spec("tensorflow") is not None:
+        images, sizes = _decode_with_image_folder(root, folder, files, image_size)
     else:
-        images = _decode_with_pillow(files, image_size)
-    return Split(images, labels, class_names, f"image folder {root}")
+        images, sizes = _decode_with_pillow(files, image_size)
+    formats = "/".join(sorted({Path(f).suffix.lstrip(".").upper().replace("JPG", "JPEG") for f in files}))
+    return Split(images, labels, class_names, f"image folder {root} ({formats}, stored {_size_range(sizes)})")
 
 
-def list_image_folder(root, split_folder):
-    """Sorted image paths, their labels and the class names of `root/split_folder/`."""
-    top = Path(root) / split_folder
+def list_image_folder(top):
+    """Sorted image paths, their labels and the class names of `top/<class>/<image>`."""
     if not top.is_dir():
-        raise DataError(
-            f"no folder {top}: expected images as {Path(root)}/{split_folder}/<class>/<image>.jpg "
-            "(see README, 'Data')"
-        )
+        raise DataError(f"no folder {top}: expected images as {top}/<class>/<image>.jpg (see README, 'Data')")
     class_names = sorted(p.name for p in top.iterdir() if p.is_dir())
     if not class_names:
         raise DataError(f"{top} has no class folders: expected {top}/<class>/<image>.jpg")
     files, labels = [], []
     for label, name in enumerate(class_names):
-        images = sorted(
-            str(p) for p in (top / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        images = sorted(str(p) for p in (top / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise DataError(f"class folder {top / name} holds no .jpg, .jpeg or .png images")
         files += images
@@ -142,66 +113,50 @@ def list_image_folder(root, split_folder):
     return files, np.asarray(labels, dtype="int32"), class_names
 
 
-def _decode_with_pillow(files, image_size):
-    from PIL import Image
-
-    def read(path):
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                if image.size != (image_size, image_size):
-                    image = image.resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
-                return np.asarray(image, dtype=np.uint8)
-        except (OSError, SyntaxError, ValueError) as error:
-            raise DataError(f"cannot read image {path} ({error}); delete or replace it") from None
-
-    # Pillow releases the GIL while decoding, so threads do run in parallel.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        return np.stack(list(pool.map(read, files)))
+def _size_range(sizes):
+    """`{(96, 96)}` -> "96x96"; several sizes -> "32x32 to 500x375"."""
+    sizes = sorted(sizes, key=lambda s: (s[0] * s[1], s))
+    names = [f"{w}x{h}" for w, h in (sizes[0], sizes[-1])]
+    return names[0] if names[0] == names[1] else f"{names[0]} to {names[1]}"
 
 
-def _decode_with_tfds(root, split_folder, files, image_size):
-    """Decodes with `tfds.folder_dataset.ImageFolder`, then puts images in `files` order."""
+# -- ImageFolder (TensorFlow) -----------------------------------------------
+
+
+def _decode_with_image_folder(root, folder, files, image_size):
+    """Reads `root/folder` with `tfds.folder_dataset.ImageFolder`, images in `files` order."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
+    def decode_and_resize(example):
+        raw = example["image"]
+        image = tf.cond(
+            tf.io.is_jpeg(raw),
+            lambda: tf.io.decode_jpeg(raw, channels=3, dct_method="INTEGER_ACCURATE"),  # exact, as Pillow
+            lambda: tf.io.decode_png(raw, channels=3),
+        )
+        return _tf_resize(image, image_size), tf.shape(image)[:2], example["image/filename"]
+
     builder = tfds.folder_dataset.ImageFolder(str(root))
-    # We decode ourselves: TensorFlow's default JPEG decoder (a fast, inexact
-    # IDCT) differs from Pillow by a few gray levels; the accurate one
-    # gives the same pixels, so both readers make the same arrays.
-    dataset = builder.as_dataset(
-        split=split_folder, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
-    )
-    dataset = dataset.map(
-        lambda ex: (_tf_resize(_tf_decode(ex["image"]), image_size), ex["image/filename"]),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    by_name = {}
+    dataset = builder.as_dataset(split=folder, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+    dataset = dataset.map(decode_and_resize, num_parallel_calls=tf.data.AUTOTUNE).batch(1024)
+    by_name, sizes = {}, set()
     try:
-        for images, names in tfds.as_numpy(dataset.batch(1024)):
-            for image, name in zip(images, names):
+        for images, shapes, names in tfds.as_numpy(dataset):
+            for image, (height, width), name in zip(images, shapes, names):
                 by_name[name.decode()] = image
+                sizes.add((int(width), int(height)))
     except tf.errors.OpError:
         bad = _first_unreadable(files)
         raise DataError(
-            f"cannot read image {bad}; delete or replace it" if bad else
-            f"TensorFlow could not decode an image under {root / split_folder}"
+            f"cannot read image {bad}; delete or replace it" if bad
+            else f"TensorFlow could not decode an image under {root / folder}"
         ) from None
-    return np.stack([by_name[f] for f in files])
-
-
-def _tf_decode(raw):
-    import tensorflow as tf
-
-    return tf.cond(
-        tf.io.is_jpeg(raw),
-        lambda: tf.io.decode_jpeg(raw, channels=3, dct_method="INTEGER_ACCURATE"),
-        lambda: tf.io.decode_png(raw, channels=3),
-    )
+    return np.stack([by_name[f] for f in files]), sizes
 
 
 def _tf_resize(image, image_size):
-    """Antialiased bilinear resize, skipped for images already of the size."""
+    """Antialiased bilinear resize (as Pillow's), skipped for images already of the size."""
     import tensorflow as tf
 
     def resize():
@@ -224,7 +179,33 @@ def _first_unreadable(files):
     return None
 
 
-def _read_with_tfds_load(info, split, image_size):
+# -- Pillow (no TensorFlow) ---------------------------------------------------
+
+
+def _decode_with_pillow(files, image_size):
+    from PIL import Image
+
+    def read(path):
+        try:
+            with Image.open(path) as image:
+                size = image.size
+                image = image.convert("RGB")
+                if image.size != (image_size, image_size):
+                    image = image.resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
+                return np.asarray(image, dtype=np.uint8), size
+        except (OSError, SyntaxError, ValueError) as error:
+            raise DataError(f"cannot read image {path} ({error}); delete or replace it") from None
+
+    # Pillow releases the GIL while decoding, so threads do run in parallel.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        images, sizes = zip(*pool.map(read, files))
+    return np.stack(images), set(sizes)
+
+
+# -- tfds.load (downloads) ----------------------------------------------------
+
+
+def _read_with_tfds_load(info, tfds_split, image_size):
     try:
         import tensorflow_datasets as tfds
     except ImportError:
@@ -233,24 +214,18 @@ def _read_with_tfds_load(info, split, image_size):
             "pass --data-dir DIR with image folders (see README, 'Data')"
         ) from None
     try:
-        dataset, builder_info = tfds.load(
-            info.tfds_name, split=info.tfds_splits[split], as_supervised=True, with_info=True
-        )
+        dataset, builder_info = tfds.load(info.tfds_name, split=tfds_split, as_supervised=True, with_info=True)
     except Exception as error:  # noqa: BLE001 - download/preparation failures vary
         raise DataError(
             f"tfds.load({info.tfds_name!r}) failed ({type(error).__name__}); "
             "offline? pass --data-dir DIR with image folders (see README, 'Data')"
         ) from None
-    dataset = dataset.map(lambda image, label: (_tf_resize(image, image_size), label))
-    images, labels = [], []
-    for image_batch, label_batch in tfds.as_numpy(dataset.batch(1024)):
-        images.append(image_batch)
-        labels.append(label_batch)
-    class_names = builder_info.features["label"].names
+    dataset = dataset.map(lambda image, label: (_tf_resize(image, image_size), label)).batch(1024)
+    images, labels = zip(*tfds.as_numpy(dataset))
     return Split(
         np.concatenate(images),
         np.concatenate(labels).astype("int32"),
-        class_names,
+        builder_info.features["label"].names,
         f"tfds {info.tfds_name} {builder_info.version}",
     )
 

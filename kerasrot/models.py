@@ -12,6 +12,11 @@ makes three things trivial:
 The models take float images in [0, 255], NHWC, and normalise them inside the
 network, so a saved `.keras` file is all one needs to evaluate it.
 
+Two arguments change how a model computes, never what, as in keras-hub's
+backbones: `data_format` ("channels_first" is faster on the PyTorch backend,
+which convolves NCHW) and `dtype` (a dtype policy such as "mixed_bfloat16").
+Their defaults are Keras' own; `kerasrot.runner.speed` picks faster ones.
+
 Example:
 
     rotnet = resnet18(num_classes=4)                   # predicts the rotation
@@ -23,8 +28,6 @@ Example:
 import keras
 from keras import layers
 
-from kerasrot import backend
-
 BLOCKS = ("preprocess", "stem", "layer1", "layer2", "layer3", "layer4", "head")
 TRAINABLE_CHOICES = {
     "all": BLOCKS,
@@ -32,6 +35,7 @@ TRAINABLE_CHOICES = {
     "head": ("head",),
 }
 STEMS = ("cifar", "imagenet")
+DATA_FORMATS = ("channels_last", "channels_first")
 
 # Per-channel statistics of the CIFAR-10 training set, on the 0-255 scale.
 # Used for every dataset: the models see images normalised the same way
@@ -48,36 +52,30 @@ BN_MOMENTUM = 0.9  # Keras' momentum is 1 - PyTorch's (0.1)
 # ---------------------------------------------------------------------------
 
 
-def channel_axis():
-    """Where the channels are inside the network: Keras' `image_data_format`."""
-    return 1 if keras.config.image_data_format() == "channels_first" else -1
+def channel_axis(data_format):
+    return 1 if data_format == "channels_first" else -1
 
 
-def preprocess(x, name="preprocess"):
+def preprocess(x, data_format, dtype, name="preprocess"):
     """Scales 0-255 NHWC images to zero mean and unit variance per channel.
 
-    Inputs are always NHWC. When Keras is set to `channels_first` (faster
-    convolutions on the PyTorch backend, see `kerasrot.backend`), the images
-    are transposed to NCHW here, once, instead of inside every convolution.
+    Inputs are always NHWC. A `channels_first` network transposes them to
+    NCHW here, once, instead of inside every convolution.
     """
     variance = [s * s for s in CIFAR10_STD]
-    x = layers.Normalization(
-        mean=list(CIFAR10_MEAN), variance=variance, name=f"{name}_normalize"
-    )(x)
-    if channel_axis() == 1:
-        x = layers.Permute((3, 1, 2), name=f"{name}_to_channels_first")(x)
+    x = layers.Normalization(mean=list(CIFAR10_MEAN), variance=variance, dtype=dtype, name=f"{name}_normalize")(x)
+    if data_format == "channels_first":
+        x = layers.Permute((3, 1, 2), dtype=dtype, name=f"{name}_to_channels_first")(x)
     return x
 
 
-def batch_norm(x, name):
-    # Keras' BatchNormalization, or on the PyTorch backend the same layer with
-    # a fused kernel (faster; see kerasrot.backend).
-    return backend.batch_normalization(
-        axis=channel_axis(), epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name
+def batch_norm(x, data_format, dtype, name):
+    return layers.BatchNormalization(
+        axis=channel_axis(data_format), epsilon=BN_EPSILON, momentum=BN_MOMENTUM, dtype=dtype, name=name
     )(x)
 
 
-def conv(x, filters, kernel_size, strides=1, name=None):
+def conv(x, filters, kernel_size, data_format, dtype, strides=1, name=None):
     """A bias-free convolution padded like PyTorch (symmetric, `k // 2`).
 
     Keras' `padding="same"` pads stride-2 convolutions asymmetrically, so we
@@ -85,23 +83,17 @@ def conv(x, filters, kernel_size, strides=1, name=None):
     `keras.applications.resnet` does; weights then match torchvision's layout.
     """
     pad = kernel_size // 2
+    padding = "same"
     if pad and strides > 1:
-        x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+        x = layers.ZeroPadding2D(pad, data_format=data_format, dtype=dtype, name=f"{name}_pad")(x)
         padding = "valid"
-    else:
-        padding = "same"
     return layers.Conv2D(
-        filters,
-        kernel_size,
-        strides=strides,
-        padding=padding,
-        use_bias=False,
-        kernel_initializer="he_normal",
-        name=name,
+        filters, kernel_size, strides=strides, padding=padding, use_bias=False,
+        kernel_initializer="he_normal", data_format=data_format, dtype=dtype, name=name,
     )(x)
 
 
-def stem_block(x, kind, filters=64, name="stem"):
+def stem_block(x, kind, data_format, dtype, filters=64, name="stem"):
     """The layers before the first block.
 
     `cifar`: one 3x3 convolution, full resolution (32x32 stays 32x32).
@@ -111,24 +103,25 @@ def stem_block(x, kind, filters=64, name="stem"):
     if kind not in STEMS:
         raise ValueError(f"stem must be one of {STEMS}, got {kind!r}")
     if kind == "cifar":
-        x = conv(x, filters, 3, name=f"{name}_conv")
-        x = batch_norm(x, name=f"{name}_bn")
-        return layers.ReLU(name=f"{name}_relu")(x)
-    x = conv(x, filters, 7, strides=2, name=f"{name}_conv")
-    x = batch_norm(x, name=f"{name}_bn")
-    x = layers.ReLU(name=f"{name}_relu")(x)
-    x = layers.ZeroPadding2D(1, name=f"{name}_pool_pad")(x)
-    return layers.MaxPooling2D(3, strides=2, name=f"{name}_pool")(x)
+        x = conv(x, filters, 3, data_format, dtype, name=f"{name}_conv")
+        x = batch_norm(x, data_format, dtype, name=f"{name}_bn")
+        return layers.ReLU(dtype=dtype, name=f"{name}_relu")(x)
+    x = conv(x, filters, 7, data_format, dtype, strides=2, name=f"{name}_conv")
+    x = batch_norm(x, data_format, dtype, name=f"{name}_bn")
+    x = layers.ReLU(dtype=dtype, name=f"{name}_relu")(x)
+    x = layers.ZeroPadding2D(1, data_format=data_format, dtype=dtype, name=f"{name}_pool_pad")(x)
+    return layers.MaxPooling2D(3, strides=2, data_format=data_format, dtype=dtype, name=f"{name}_pool")(x)
 
 
-def head(x, num_classes, name="head"):
+def head(x, num_classes, data_format, dtype, name="head"):
     """Global average pooling and a linear classifier that outputs logits."""
-    x = layers.GlobalAveragePooling2D(name=f"{name}_pool")(x)
-    return layers.Dense(num_classes, name=f"{name}_logits")(x)
+    x = layers.GlobalAveragePooling2D(data_format=data_format, dtype=dtype, name=f"{name}_pool")(x)
+    return layers.Dense(num_classes, dtype=dtype, name=f"{name}_logits")(x)
 
 
-def image_input(image_size):
-    return keras.Input(shape=(image_size, image_size, 3), name="images")
+def check_data_format(data_format):
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -136,38 +129,41 @@ def image_input(image_size):
 # ---------------------------------------------------------------------------
 
 
-def basic_block(x, filters, strides, name):
+def basic_block(x, filters, strides, data_format, dtype, name):
     """Two 3x3 convolutions and a shortcut (a 1x1 projection when the shape changes)."""
     shortcut = x
-    if strides != 1 or x.shape[channel_axis()] != filters:
-        shortcut = conv(x, filters, 1, strides=strides, name=f"{name}_down_conv")
-        shortcut = batch_norm(shortcut, name=f"{name}_down_bn")
-    x = conv(x, filters, 3, strides=strides, name=f"{name}_conv1")
-    x = batch_norm(x, name=f"{name}_bn1")
-    x = layers.ReLU(name=f"{name}_relu1")(x)
-    x = conv(x, filters, 3, name=f"{name}_conv2")
-    x = batch_norm(x, name=f"{name}_bn2")
-    x = layers.Add(name=f"{name}_add")([shortcut, x])
-    return layers.ReLU(name=f"{name}_out")(x)
+    if strides != 1 or x.shape[channel_axis(data_format)] != filters:
+        shortcut = conv(x, filters, 1, data_format, dtype, strides=strides, name=f"{name}_down_conv")
+        shortcut = batch_norm(shortcut, data_format, dtype, name=f"{name}_down_bn")
+    x = conv(x, filters, 3, data_format, dtype, strides=strides, name=f"{name}_conv1")
+    x = batch_norm(x, data_format, dtype, name=f"{name}_bn1")
+    x = layers.ReLU(dtype=dtype, name=f"{name}_relu1")(x)
+    x = conv(x, filters, 3, data_format, dtype, name=f"{name}_conv2")
+    x = batch_norm(x, data_format, dtype, name=f"{name}_bn2")
+    x = layers.Add(dtype=dtype, name=f"{name}_add")([shortcut, x])
+    return layers.ReLU(dtype=dtype, name=f"{name}_out")(x)
 
 
-def resnet18(num_classes, stem="cifar", image_size=32, name="resnet18"):
+def resnet18(num_classes, stem="cifar", image_size=32, data_format="channels_last", dtype=None, name="resnet18"):
     """ResNet18 (He et al. 2016) with torchvision's layout of layers.
 
     Args:
         num_classes: width of the final linear layer (4 for rotations).
         stem: "cifar" (3x3 conv, no pooling) or "imagenet" (7x7/2 + max-pool).
         image_size: height and width of the square RGB input.
+        data_format: layout inside the network; inputs are NHWC either way.
+        dtype: dtype policy of every layer, e.g. "mixed_bfloat16"; None is float32.
         name: the model's name.
     """
-    inputs = image_input(image_size)
-    x = preprocess(inputs)
-    x = stem_block(x, stem)
+    check_data_format(data_format)
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="images")
+    x = preprocess(inputs, data_format, dtype)
+    x = stem_block(x, stem, data_format, dtype)
     for i, filters in enumerate((64, 128, 256, 512), start=1):
         for j in (1, 2):
             strides = 2 if (i > 1 and j == 1) else 1
-            x = basic_block(x, filters, strides, name=f"layer{i}_block{j}")
-    outputs = head(x, num_classes)
+            x = basic_block(x, filters, strides, data_format, dtype, name=f"layer{i}_block{j}")
+    outputs = head(x, num_classes, data_format, dtype)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -176,61 +172,63 @@ def resnet18(num_classes, stem="cifar", image_size=32, name="resnet18"):
 # ---------------------------------------------------------------------------
 
 
-def dense_layer(x, growth_rate, name):
+def dense_layer(x, growth_rate, data_format, dtype, name):
     """BN-ReLU-1x1 conv (4k filters), BN-ReLU-3x3 conv (k filters), concatenated to the input."""
-    y = batch_norm(x, name=f"{name}_bn1")
-    y = layers.ReLU(name=f"{name}_relu1")(y)
-    y = conv(y, 4 * growth_rate, 1, name=f"{name}_conv1")
-    y = batch_norm(y, name=f"{name}_bn2")
-    y = layers.ReLU(name=f"{name}_relu2")(y)
-    y = conv(y, growth_rate, 3, name=f"{name}_conv2")
-    return layers.Concatenate(axis=channel_axis(), name=f"{name}_concat")([x, y])
+    y = batch_norm(x, data_format, dtype, name=f"{name}_bn1")
+    y = layers.ReLU(dtype=dtype, name=f"{name}_relu1")(y)
+    y = conv(y, 4 * growth_rate, 1, data_format, dtype, name=f"{name}_conv1")
+    y = batch_norm(y, data_format, dtype, name=f"{name}_bn2")
+    y = layers.ReLU(dtype=dtype, name=f"{name}_relu2")(y)
+    y = conv(y, growth_rate, 3, data_format, dtype, name=f"{name}_conv2")
+    return layers.Concatenate(axis=channel_axis(data_format), dtype=dtype, name=f"{name}_concat")([x, y])
 
 
-def transition(x, name):
+def transition(x, data_format, dtype, name):
     """Halves the channels (1x1 conv) and the resolution (2x2 average pooling)."""
-    x = batch_norm(x, name=f"{name}_bn")
-    x = layers.ReLU(name=f"{name}_relu")(x)
-    x = conv(x, x.shape[channel_axis()] // 2, 1, name=f"{name}_conv")
-    return layers.AveragePooling2D(2, strides=2, name=f"{name}_pool")(x)
+    x = batch_norm(x, data_format, dtype, name=f"{name}_bn")
+    x = layers.ReLU(dtype=dtype, name=f"{name}_relu")(x)
+    x = conv(x, x.shape[channel_axis(data_format)] // 2, 1, data_format, dtype, name=f"{name}_conv")
+    return layers.AveragePooling2D(2, strides=2, data_format=data_format, dtype=dtype, name=f"{name}_pool")(x)
 
 
-def densenet(
-    block_sizes, num_classes, stem="cifar", image_size=32, growth_rate=32, name="densenet"
-):
+def densenet(block_sizes, num_classes, stem="cifar", image_size=32, data_format="channels_last", dtype=None,
+             growth_rate=32, name="densenet"):
     """DenseNet (Huang et al. 2017), the layout of `keras.applications.densenet`.
 
     `layerN` is dense block N followed by its transition (the last block is
     followed by the final BatchNorm-ReLU instead), so "the last block" means
     the same thing here as in ResNet18.
     """
-    inputs = image_input(image_size)
-    x = preprocess(inputs)
-    x = stem_block(x, stem, filters=2 * growth_rate)
+    check_data_format(data_format)
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="images")
+    x = preprocess(inputs, data_format, dtype)
+    x = stem_block(x, stem, data_format, dtype, filters=2 * growth_rate)
     for i, size in enumerate(block_sizes, start=1):
         for j in range(1, size + 1):
-            x = dense_layer(x, growth_rate, name=f"layer{i}_block{j}")
+            x = dense_layer(x, growth_rate, data_format, dtype, name=f"layer{i}_block{j}")
         if i < len(block_sizes):
-            x = transition(x, name=f"layer{i}_transition")
-    x = batch_norm(x, name=f"layer{len(block_sizes)}_final_bn")
-    x = layers.ReLU(name=f"layer{len(block_sizes)}_final_relu")(x)
-    outputs = head(x, num_classes)
+            x = transition(x, data_format, dtype, name=f"layer{i}_transition")
+    last = len(block_sizes)
+    x = batch_norm(x, data_format, dtype, name=f"layer{last}_final_bn")
+    x = layers.ReLU(dtype=dtype, name=f"layer{last}_final_relu")(x)
+    outputs = head(x, num_classes, data_format, dtype)
     return keras.Model(inputs, outputs, name=name)
 
 
-def densenet121(num_classes, stem="cifar", image_size=32, name="densenet121"):
+def densenet121(num_classes, stem="cifar", image_size=32, data_format="channels_last", dtype=None,
+                name="densenet121"):
     """DenseNet121: dense blocks of 6, 12, 24 and 16 layers, growth rate 32."""
-    return densenet((6, 12, 24, 16), num_classes, stem, image_size, name=name)
+    return densenet((6, 12, 24, 16), num_classes, stem, image_size, data_format, dtype, name=name)
 
 
 ARCHITECTURES = {"resnet18": resnet18, "densenet121": densenet121}
 
 
-def build_model(arch, num_classes, stem="cifar", image_size=32, name=None):
-    """Builds one of `ARCHITECTURES` by name; the arguments are the model's "spec"."""
+def build_model(arch, num_classes, stem="cifar", image_size=32, data_format="channels_last", dtype=None, name=None):
+    """Builds one of `ARCHITECTURES` by name."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"model must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
-    return ARCHITECTURES[arch](num_classes, stem, image_size, name=name or arch)
+    return ARCHITECTURES[arch](num_classes, stem, image_size, data_format, dtype, name=name or arch)
 
 
 # ---------------------------------------------------------------------------
@@ -247,9 +245,10 @@ def transfer_weights(source, target, skip_blocks=("head",)):
     """Copies weights from `source` to `target`, layer by layer, by name.
 
     This is the head swap: build a 10-way classifier and transfer
-    everything but the `head` from the 4-way rotation model. It also moves
-    weights between data formats and precisions (kernels have the same
-    shape in NCHW and NHWC models). Returns the number of layers copied.
+    everything but the `head` from the 4-way rotation model. With
+    `skip_blocks=()` it copies a whole model into another layout (kernels
+    have the same shape in NCHW and NHWC models, and weights are float32
+    under mixed precision). Returns the number of layers copied.
     """
     copied = 0
     for layer in target.layers:
@@ -258,20 +257,6 @@ def transfer_weights(source, target, skip_blocks=("head",)):
         layer.set_weights(source.get_layer(layer.name).get_weights())
         copied += 1
     return copied
-
-
-def export(model, spec):
-    """A portable copy of `model`: NHWC, float32, no optimizer.
-
-    Models may train in NCHW, in mixed precision or with a fused BatchNorm
-    (`kerasrot.backend`); the copy saved for users is rebuilt with Keras'
-    defaults and stock layers so that it loads
-    and gives the same logits under every backend.
-    """
-    with backend.layout("channels_last", "float32", fused_batchnorm="off"):
-        portable = build_model(**spec, name=model.name)
-    transfer_weights(model, portable, skip_blocks=())
-    return portable
 
 
 def set_trainable(model, which):

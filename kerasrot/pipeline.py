@@ -1,69 +1,31 @@
 """Pipeline: from arrays of images to the batches that `model.fit` consumes.
 
-The idea of RotNet in one function: `four_rotations` turns a batch of B
-images into 4B images, every image as its four exact `rot90` copies, with
-the number of quarter turns (0-3) as its label. All four copies of an image
-are in the same batch, as in the paper.
+A batch is made in three steps, the same for every stage: gather the
+epoch's next images, crop and flip them (training only), and for the
+rotation task replace them by their four rotations (`kerasrot.rotations`).
 
-Augmentation (pad-4-and-crop, horizontal flip) is applied once per image
-*before* rotating, so the rotation label stays true: a horizontally flipped
-upright image is still upright. (A vertical flip would not be: it equals a
-180-degree turn of the horizontal flip, and would contradict the label.)
+Every random choice (the order of the images, each crop offset and flip)
+is drawn with NumPy from `(seed, epoch)` alone: `EpochPlan`. So an epoch is
+the same whichever pipeline runs it, and a resumed run repeats exactly the
+epoch it lost.
 
-Random choices (the order of the images and every crop offset and flip)
-are drawn with NumPy from `(seed, epoch)`, so an epoch is the same whichever
-pipeline runs it, and a resumed run repeats exactly the epoch it lost.
-
-Two pipelines make the pixels, chosen with `--pipeline`:
-* `memory`: NumPy indexing and `keras.ops`, on the accelerator of the
-  current backend; needs no TensorFlow (the lent GPU machines have none).
-* `tfdata`: `tf.data` with parallel map and prefetch on the CPU, the
-  classic Keras input pipeline.
-Both yield the same images and labels (tests/test_pipeline.py checks it).
+Two pipelines run those steps, in different places (`--pipeline`):
+* `memory`: `Batches`, a `keras.utils.PyDataset`; `keras.ops` does the pixel
+  work on the backend's device. Needs no TensorFlow; the default, and the
+  faster on the machines we measured (results/benchmarks.md).
+* `tfdata`: `Batches.as_tf_dataset()`, a `tf.data.Dataset` that runs the
+  same functions as `tensorflow.experimental.numpy` in tf.data's threads,
+  prefetching while the model trains.
 """
 
 import math
 
 import keras
 import numpy as np
-from keras import ops
+
+from kerasrot.rotations import CROP_PADDING, crop_and_flip, four_rotations
 
 PIPELINES = ("memory", "tfdata")
-CROP_PADDING = 4
-NUM_ROTATIONS = 4
-
-
-def four_rotations(images):
-    """`[B, H, W, C]` images -> their `[4B, H, W, C]` quarter turns and labels 0-3.
-
-    Turns are counter-clockwise (`np.rot90`, `tf.image.rot90`); copy k of
-    every image is at rows `k*B .. (k+1)*B - 1`.
-    """
-    rotated = [ops.rot90(images, k=k, axes=(1, 2)) for k in range(NUM_ROTATIONS)]
-    batch = ops.shape(images)[0]
-    labels = ops.repeat(ops.arange(NUM_ROTATIONS, dtype="int32"), batch)
-    return ops.concatenate(rotated, axis=0), labels
-
-
-def crop_and_flip(images, offsets, flips):
-    """Pads by `CROP_PADDING`, crops each image at its own `(dy, dx)` and flips some.
-
-    `offsets` is `[B, 2]` in `[0, 2 * CROP_PADDING]`, `flips` is `[B]` booleans.
-    Each image's crop is a gather of its own rows, then of its own columns; a
-    horizontal flip is the same columns in reverse order, so it costs nothing.
-    Exact, vectorised, and the same on every backend.
-    """
-    batch, height, width, channels = images.shape
-    p = CROP_PADDING
-    padded = ops.pad(ops.convert_to_tensor(images), [[0, 0], [p, p], [p, p], [0, 0]])
-    offsets = ops.convert_to_tensor(offsets, dtype="int32")
-    rows = ops.add(offsets[:, :1], ops.arange(height, dtype="int32")[None, :])  # [B, H]
-    cols = ops.add(offsets[:, 1:], ops.arange(width, dtype="int32")[None, :])  # [B, W]
-    flips = ops.convert_to_tensor(flips, dtype="bool")[:, None]
-    cols = ops.where(flips, ops.flip(cols, axis=1), cols)
-    rows = ops.broadcast_to(rows[:, :, None, None], (batch, height, width + 2 * p, channels))
-    cols = ops.broadcast_to(cols[:, None, :, None], (batch, height, width, channels))
-    return ops.take_along_axis(ops.take_along_axis(padded, rows, axis=1), cols, axis=2)
 
 
 class EpochPlan:
@@ -84,21 +46,21 @@ class EpochPlan:
             order = np.concatenate([rng.permutation(num_images) for _ in range(passes)])
         else:
             order = np.tile(np.arange(num_images), passes)
-        self.order = order[:epoch_length]
+        self.order = order[:epoch_length].astype("int32")
         if augment:
-            self.offsets = rng.integers(0, 2 * CROP_PADDING + 1, size=(epoch_length, 2))
+            self.offsets = rng.integers(0, 2 * CROP_PADDING + 1, size=(epoch_length, 2)).astype("int32")
             self.flips = rng.random(epoch_length) < 0.5
         else:
-            self.offsets = np.full((epoch_length, 2), CROP_PADDING)
+            self.offsets = np.full((epoch_length, 2), CROP_PADDING, dtype="int32")
             self.flips = np.zeros(epoch_length, dtype=bool)
 
 
 class Batches(keras.utils.PyDataset):
     """Batches of images (or of their four rotations) for one stage.
 
-    A `keras.utils.PyDataset`: `model.fit` asks for batch `i` of the current
-    epoch. Call `set_epoch` at the start of every epoch (the `EpochSetter`
-    callback does) so that the epoch's plan is the one for that epoch number.
+    `model.fit` asks for batch `i` of the current epoch. Call `set_epoch` at
+    the start of every epoch (the `EpochSetter` callback does) so that the
+    plan is the one of that epoch number, also after a resume.
 
     Args:
         images: uint8 array `[N, H, W, 3]`.
@@ -108,24 +70,11 @@ class Batches(keras.utils.PyDataset):
         augment, shuffle: pad-crop-flip, and a new order every epoch.
         seed: seeds every random choice, together with the epoch number.
         epoch_length: images per epoch (default: every image once).
-        pipeline: "memory" or "tfdata".
     """
 
-    def __init__(
-        self,
-        images,
-        labels,
-        batch_size,
-        rotations=False,
-        augment=False,
-        shuffle=False,
-        seed=0,
-        epoch_length=None,
-        pipeline="memory",
-    ):
+    def __init__(self, images, labels, batch_size, rotations=False, augment=False, shuffle=False, seed=0,
+                 epoch_length=None):
         super().__init__()
-        if pipeline not in PIPELINES:
-            raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
         if len(images) == 0:
             raise ValueError("no images to make batches from")
         if len(images) != len(labels):
@@ -134,8 +83,6 @@ class Batches(keras.utils.PyDataset):
         self.batch_size, self.rotations = batch_size, rotations
         self.augment, self.shuffle, self.seed = augment, shuffle, seed
         self.epoch_length = epoch_length or len(images)
-        self.pipeline = pipeline
-        self._tf_arrays = None
         self.set_epoch(0)
 
     def __len__(self):
@@ -144,94 +91,58 @@ class Batches(keras.utils.PyDataset):
     @property
     def num_samples(self):
         """Samples per epoch as the model sees them (4 per image with rotations)."""
-        return self.epoch_length * (NUM_ROTATIONS if self.rotations else 1)
+        return self.epoch_length * (4 if self.rotations else 1)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
-        self.plan = EpochPlan(
-            len(self.images), self.epoch_length, self.seed, epoch, self.shuffle, self.augment
-        )
-        self._tf_iterator, self._tf_next = None, 0
+        self.plan = EpochPlan(len(self.images), self.epoch_length, self.seed, epoch, self.shuffle, self.augment)
+
+    def make_batch(self, images, labels, offsets, flips, xp=keras.ops):
+        """The pixel work of one batch, with the array module `xp` (see `kerasrot.rotations`)."""
+        images = xp.array(images, dtype="float32")
+        if self.augment:
+            images = crop_and_flip(images, offsets, flips, xp)
+        if self.rotations:
+            return four_rotations(images, xp)
+        return images, labels
 
     def __getitem__(self, index):
         if index >= len(self):
             raise IndexError(index)
-        if self.pipeline == "tfdata":
-            return self._tfdata_batch(index)
-        return self._memory_batch(index)
-
-    # -- memory: NumPy gathers, keras.ops does the pixel work ---------------
-
-    def _memory_batch(self, index):
         part = slice(index * self.batch_size, (index + 1) * self.batch_size)
         indices = self.plan.order[part]
-        images = ops.convert_to_tensor(self.images[indices], dtype="float32")
-        if self.augment:
-            offsets = ops.convert_to_tensor(self.plan.offsets[part], dtype="int32")
-            flips = ops.convert_to_tensor(self.plan.flips[part])
-            images = crop_and_flip(images, offsets, flips)
-        if self.rotations:
-            return four_rotations(images)
-        return images, ops.convert_to_tensor(self.labels[indices])
+        tensor = keras.ops.convert_to_tensor
+        return self.make_batch(
+            tensor(self.images[indices]), tensor(self.labels[indices]),
+            tensor(self.plan.offsets[part]), tensor(self.plan.flips[part]),
+        )
 
-    # -- tfdata: the same steps as a tf.data graph --------------------------
+    def as_tf_dataset(self):
+        """The same batches as a `tf.data.Dataset`, for `model.fit` on any backend.
 
-    def tf_arrays(self):
-        """The images and labels as TensorFlow tensors, made once, not every epoch."""
-        if self._tf_arrays is None:
-            import tensorflow as tf
+        The plan is read when an epoch's iteration starts, which Keras does
+        after `on_epoch_begin` (so after `EpochSetter`); the test that both
+        pipelines train a model alike over two epochs guards that.
+        """
+        import tensorflow as tf
+        import tensorflow.experimental.numpy as tnp
 
-            self._tf_arrays = tf.constant(self.images), tf.constant(self.labels)
-        return self._tf_arrays
+        images, labels = tf.constant(self.images), tf.constant(self.labels)
 
-    def _tfdata_batch(self, index):
-        # tf.data is sequential; Keras asks for batches in order, but some
-        # callers (the TensorFlow backend's spec probe) jump: restart there.
-        if self._tf_iterator is None or index != self._tf_next:
-            dataset = tfdata_batches(self)
-            self._tf_iterator = iter(dataset.skip(index))
-        self._tf_next = index + 1
-        images, labels = next(self._tf_iterator)
-        return images.numpy(), labels.numpy()
+        def this_epochs_plan():
+            yield self.plan.order, self.plan.offsets, self.plan.flips
 
+        plan = tf.data.Dataset.from_generator(this_epochs_plan, output_signature=(
+            tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 2], tf.int32), tf.TensorSpec([None], tf.bool),
+        ))
+        batches = plan.flat_map(lambda *arrays: tf.data.Dataset.from_tensor_slices(arrays).batch(self.batch_size))
 
-def tfdata_batches(batches):
-    """The `tf.data.Dataset` of one epoch of `batches` (a `Batches`)."""
-    import tensorflow as tf
+        def make_batch(indices, offsets, flips):
+            return self.make_batch(tf.gather(images, indices), tf.gather(labels, indices), offsets, flips, xp=tnp)
 
-    plan = batches.plan
-    source = tf.data.Dataset.from_tensor_slices(
-        (plan.order, plan.offsets.astype("int32"), plan.flips)
-    ).batch(batches.batch_size)
-    images, labels = batches.tf_arrays()
-
-    def make_batch(indices, offsets, flips):
-        x = tf.cast(tf.gather(images, indices), tf.float32)
-        if batches.augment:
-            x = _tf_crop_and_flip(x, offsets, flips)
-        if batches.rotations:
-            rotated = [tf.image.rot90(x, k) for k in range(NUM_ROTATIONS)]
-            y = tf.repeat(tf.range(NUM_ROTATIONS, dtype=tf.int32), tf.shape(x)[0])
-            return tf.concat(rotated, axis=0), y
-        return x, tf.gather(labels, indices)
-
-    return source.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
-        tf.data.AUTOTUNE
-    )
-
-
-def _tf_crop_and_flip(images, offsets, flips):
-    """`crop_and_flip` in TensorFlow ops (gathers instead of einsums)."""
-    import tensorflow as tf
-
-    height, width = images.shape[1], images.shape[2]
-    p = CROP_PADDING
-    padded = tf.pad(images, [[0, 0], [p, p], [p, p], [0, 0]])
-    rows = offsets[:, :1] + tf.range(height)[None, :]
-    cols = offsets[:, 1:] + tf.range(width)[None, :]
-    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
-    cropped = tf.gather(cropped, cols, axis=2, batch_dims=1)
-    return tf.where(flips[:, None, None, None], tf.reverse(cropped, axis=[2]), cropped)
+        batches = batches.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
+        # Known length: Keras then makes one pass per epoch, with no "ran out of data" warning.
+        return batches.apply(tf.data.experimental.assert_cardinality(len(self))).prefetch(tf.data.AUTOTUNE)
 
 
 class EpochSetter(keras.callbacks.Callback):
@@ -243,14 +154,3 @@ class EpochSetter(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.batches.set_epoch(epoch)
-
-
-def default_pipeline():
-    """`memory`, measured faster everywhere we ran it.
-
-    On a 2-core CPU (ResNet18, batch 512, PyTorch backend) `memory` fed
-    540 samples/s of training, `tfdata` 313: tf.data's threads compete with
-    the training step for the same cores. On a GPU, `memory` augments on
-    the device. `tfdata` stays available with `--pipeline tfdata`.
-    """
-    return "memory"

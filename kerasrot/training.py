@@ -1,31 +1,35 @@
-"""Training: compile, fit with a checkpoint every epoch, resume, evaluate.
+"""Training: compile, then `model.fit` with Keras' own callbacks for the chores.
 
-One function, `fit_and_evaluate`, is a stage's training. It records a
-per-epoch history (train loss and accuracy, test accuracy, learning rate,
-seconds), so curves show how fast each initialisation learns, and it saves
-the model, its optimizer state and the history after every epoch, so a
-killed run resumes at the last finished epoch.
+`train` is one stage's training. Keras' callbacks do the chores:
 
-Optimiser and schedule come from the recipe (`kerasrot.recipes`):
-`optimizer` is "sgd" (momentum, optional Nesterov), "adam" or "adamw";
-`schedule` is "constant", "step" (x`step_gamma` at each of `step_epochs`)
-or "cosine" (with `warmup_epochs` of linear warm-up: a one-cycle schedule).
-`weight_decay` is Keras' decoupled decay (`w -= lr * wd * w` each step),
-which for SGD with momentum 0.9 is about ten times weaker than the same
-number in PyTorch's coupled L2 form; the recipes' values account for that.
+* `BackupAndRestore` saves the model and its optimizer state after every
+  epoch; a killed run, started again, resumes at the last finished epoch.
+  `double_checkpoint=True` keeps the previous epoch's files too, so a kill
+  while it writes loses nothing.
+* `CSVLogger(append=True)` writes the per-epoch history (loss, accuracy,
+  test accuracy, learning rate, seconds), kept across resumes, so curves
+  show how fast each initialisation learns.
+* `TerminateOnNaN(raise_error=True)` stops at the first non-finite loss.
+
+Optimiser and schedule come from the recipe (`kerasrot.runner.config`):
+`optimizer` is "sgd" (momentum, optional Nesterov) or "adamw"; `schedule`
+is "constant", "step" (x`step_gamma` at each of `step_epochs`) or "cosine"
+(with `warmup_epochs` of linear warm-up: a one-cycle schedule).
+`weight_decay` is Keras' decoupled decay (`w -= lr * wd * w` each step), for
+every optimiser; with SGD momentum 0.9 it is about ten times weaker than the
+same number in PyTorch's coupled L2 form, and the presets account for that.
 """
 
-import shutil
+import csv
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from kerasrot import files
 from kerasrot.pipeline import EpochSetter
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 
 
@@ -56,8 +60,6 @@ def make_optimizer(settings, steps_per_epoch):
         return keras.optimizers.SGD(
             schedule, momentum=settings["momentum"], nesterov=settings["nesterov"], weight_decay=decay
         )
-    if settings["optimizer"] == "adam":
-        return keras.optimizers.Adam(schedule, weight_decay=decay)
     return keras.optimizers.AdamW(schedule, weight_decay=settings["weight_decay"])
 
 
@@ -99,83 +101,119 @@ def compile_model(model, settings, steps_per_epoch):
     return model
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
-    """After every epoch: saves the model (with optimizer state), then the history.
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
 
-    Written in that order, each atomically, so `state.json` always names a
-    complete checkpoint and the history of exactly the epochs it holds.
-    (Keras' BackupAndRestore writes its files in place and keeps no
-    history, so a kill while it writes loses the run; hence this class.)
+    def __init__(self, epoch, batch, loss):
+        super().__init__(f"the loss became {loss} in epoch {epoch} (batch {batch + 1})")
+        self.epoch, self.batch, self.loss = epoch, batch, loss
+
+
+class StopOnDivergence(keras.callbacks.TerminateOnNaN):
+    """`TerminateOnNaN(raise_error=True)`, raising `Diverged` that names the epoch.
+
+    Raising matters: the default (`stop_training = True`) ends the epoch
+    normally, so the callbacks after it would save the diverged weights as
+    a checkpoint and `BackupAndRestore` would then delete its backup.
+    An exception stops `fit` before either (tests/test_training.py).
     """
 
-    def __init__(self, directory, history):
-        super().__init__()
-        self.directory = Path(directory)
-        self.history = history
-        self._epoch_start = None
+    def __init__(self):
+        super().__init__(raise_error=True)
+        self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = time.perf_counter()
+        self.epoch = epoch + 1
+
+    def on_batch_end(self, batch, logs=None):
+        try:
+            super().on_batch_end(batch, logs)
+        except RuntimeError:
+            raise Diverged(self.epoch, batch, (logs or {}).get("loss")) from None
+
+
+class EpochRecord(keras.callbacks.Callback):
+    """Adds the learning rate and the epoch's seconds to the logs that CSVLogger writes.
+
+    (As `keras.callbacks.LearningRateScheduler` adds `learning_rate`.) Also
+    says so when a run resumes: Keras' BackupAndRestore does so silently.
+    """
+
+    def __init__(self, epochs, log):
+        super().__init__()
+        self.epochs, self.log = epochs, log
+        self.first_epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.first_epoch is None and epoch > 0:
+            self.log(f"resuming from the checkpoint of epoch {epoch}/{self.epochs}")
+        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
+        self.start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        record = {"epoch": epoch + 1}
-        record.update({k: float(v) for k, v in (logs or {}).items()})
-        record["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        record["seconds"] = round(time.perf_counter() - self._epoch_start, 2)
-        self.history.append(record)
-        checkpoint = self.directory / f"epoch-{epoch + 1:03d}.keras"
-        files.save_model(self.model, checkpoint)
-        files.write_json(
-            self.directory / "state.json",
-            {"epoch": epoch + 1, "checkpoint": checkpoint.name, "history": self.history},
-        )
-        for old in self.directory.glob("epoch-*.keras"):
-            if old != checkpoint:
-                old.unlink()
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logs["seconds"] = round(time.perf_counter() - self.start, 2)
 
 
-def resume_point(directory):
-    """`(model, history, epoch)` from the last finished epoch in `directory`, or None."""
-    state_path = Path(directory) / "state.json"
-    if not state_path.exists():
-        return None
-    state = files.read_json(state_path)
-    model = keras.saving.load_model(Path(directory) / state["checkpoint"])
-    return model, state["history"], state["epoch"]
-
-
-def fit_and_evaluate(model, train, test, settings, checkpoint_dir, callbacks=(), log=print):
-    """Trains `model` (or resumes it from `checkpoint_dir`) and returns `(model, history)`.
+def train(model, train_batches, test_batches, settings, checkpoint_dir, callbacks=(), log=print):
+    """Trains `model` for `settings["epochs"]` (resuming from `checkpoint_dir`) -> its history.
 
     Args:
         model: an uncompiled model with its trainable blocks set.
-        train, test: `kerasrot.pipeline.Batches`; `test` is evaluated every epoch.
-        settings: the stage's hyperparameters (see `kerasrot.recipes`).
-        checkpoint_dir: where per-epoch checkpoints live; removed at the end.
-        callbacks: extra Keras callbacks (progress reports).
+        train_batches, test_batches: `kerasrot.pipeline.Batches`; `test` is
+            evaluated after every epoch.
+        settings: the stage's hyperparameters (see `kerasrot.runner.config`).
+        checkpoint_dir: where the backup and history.csv live until the stage is done.
+        callbacks: more Keras callbacks (progress reports).
+
+    Returns the history: one dict per epoch, `epoch` counted from 1.
+    Raises `Diverged` if the loss becomes NaN or infinite; the checkpoint
+    of the last finished epoch stays in `checkpoint_dir`.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    resumed = resume_point(checkpoint_dir)
-    if resumed:
-        model, history, start = resumed
-        log(f"resuming from the checkpoint of epoch {start}/{settings['epochs']} in {checkpoint_dir}")
+    history_csv = checkpoint_dir / "history.csv"
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    compile_model(model, settings, steps_per_epoch=len(train_batches))
+    if settings["pipeline"] == "tfdata":
+        train_data, test_data = train_batches.as_tf_dataset(), test_batches.as_tf_dataset()
     else:
-        compile_model(model, settings, steps_per_epoch=len(train))
-        history, start = [], 0
-    if start < settings["epochs"]:
-        model.fit(
-            train,
-            epochs=settings["epochs"],
-            initial_epoch=start,
-            # The plan of `train` orders the images from (seed, epoch); Keras'
-            # default shuffles the batch order with Python's global `random`,
-            # which a resumed run cannot repeat (and tf.data would restart).
-            shuffle=False,
-            validation_data=test,
-            callbacks=[EpochSetter(train), EpochCheckpoint(checkpoint_dir, history), *callbacks],
-            verbose=settings["verbose"],
-        )
-    return model, history
+        train_data, test_data = train_batches, test_batches
+    model.fit(
+        train_data,
+        epochs=settings["epochs"],
+        # The plan of `train_batches` orders the images from (seed, epoch); Keras'
+        # default shuffles the batch order with Python's global `random`,
+        # which a resumed run cannot repeat.
+        shuffle=False,
+        validation_data=test_data,
+        callbacks=[
+            EpochSetter(train_batches),
+            StopOnDivergence(),
+            EpochRecord(settings["epochs"], log),
+            # CSVLogger before BackupAndRestore: killed between the two, an
+            # epoch has its row but no checkpoint, runs again and is logged
+            # twice; `read_history` keeps the later row. (The other order
+            # would lose that epoch's row instead.)
+            keras.callbacks.CSVLogger(str(history_csv), append=True),
+            # Kept after fit (delete_checkpoint=False) until the stage's
+            # result is safely written; the runner removes it then.
+            keras.callbacks.BackupAndRestore(str(checkpoint_dir), double_checkpoint=True, delete_checkpoint=False),
+            *callbacks,
+        ],
+        verbose=settings["verbose"],
+    )
+    return read_history(history_csv)
+
+
+def read_history(path):
+    """CSVLogger's rows as dicts with `epoch` from 1; for an epoch logged twice, the later row."""
+    by_epoch = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            record = {key: float(value) for key, value in row.items()}
+            record["epoch"] = int(record["epoch"]) + 1
+            by_epoch[record["epoch"]] = record
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def accuracy(model, batches):
@@ -183,13 +221,8 @@ def accuracy(model, batches):
     correct = total = 0
     for i in range(len(batches)):
         images, labels = batches[i]
-        logits = model.predict_on_batch(images)
-        predicted = np.argmax(keras.ops.convert_to_numpy(logits), axis=-1)
+        predicted = np.argmax(keras.ops.convert_to_numpy(model.predict_on_batch(images)), axis=-1)
         labels = keras.ops.convert_to_numpy(labels)
         correct += int(np.sum(predicted == labels))
         total += len(labels)
     return 100.0 * correct / total
-
-
-def remove_checkpoints(checkpoint_dir):
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)

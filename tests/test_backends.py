@@ -1,9 +1,10 @@
 """A checkpoint saved under one backend gives the same logits under every other.
 
-The model trains one step under the current backend (in its fast layout:
-channels_first / mixed precision / fused BatchNorm where `kerasrot.backend` picks them), is
-exported and saved; fresh processes under the other backends load it and
-compare logits on a fixed batch.
+The model trains one step under the current backend in the layout its runs
+use (`kerasrot.runner.speed`: channels_first, mixed precision, fused
+BatchNorm where it picks them), is saved as runs save it (weights moved into
+Keras' default layout); fresh processes under the other backends load it
+and compare logits on a fixed batch.
 """
 
 import importlib.util
@@ -16,10 +17,10 @@ import keras
 import numpy as np
 import pytest
 
-from kerasrot import backend, files, models, training
+from kerasrot import models, training
+from kerasrot.runner import device, files, speed, stages
 
-BACKENDS = [b for b in ("torch", "jax", "tensorflow") if importlib.util.find_spec(b)]
-SPEC = {"arch": "resnet18", "num_classes": 10, "stem": "imagenet", "image_size": 32}
+OTHER_BACKENDS = [b for b in ("torch", "jax", "tensorflow") if b != keras.backend.backend() and importlib.util.find_spec(b)]
 SETTINGS = {
     "learning_rate": 0.05, "schedule": "constant", "epochs": 1, "optimizer": "sgd", "momentum": 0.9,
     "nesterov": True, "weight_decay": 5e-3, "label_smoothing": 0.0, "jit_compile": "off",
@@ -40,25 +41,26 @@ def _train_one_step_and_save(path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(32, 32, 32, 3)).astype("float32")
     labels = rng.integers(0, 10, size=32)
-    with backend.layout(*backend.resolve()):
-        model = models.build_model(**SPEC)
+    layout = speed.resolve({"data_format": "auto", "precision": "auto", "fused_batchnorm": "auto",
+                            "jit_compile": "auto", "model": "resnet18", "stem": "imagenet", "image_size": 32})
+    model = stages.build_model(layout, 10, name="resnet18")
     training.compile_model(model, SETTINGS, steps_per_epoch=1)
     model.train_on_batch(images, labels)
-    portable = models.export(model, SPEC)
+    portable = stages.build_model(layout, 10, name="resnet18", fast=False)
+    models.transfer_weights(model, portable, skip_blocks=())
     files.save_model(portable, path)
     logits = keras.ops.convert_to_numpy(portable.predict_on_batch(images))
     return images, labels, logits
 
 
+@pytest.mark.skipif(not OTHER_BACKENDS, reason="no other Keras backend is installed")
 def test_checkpoint_gives_same_logits_and_accuracy_under_every_backend(tmp_path):
     checkpoint = tmp_path / "model.keras"
     images, labels, logits = _train_one_step_and_save(checkpoint)
     np.savez(tmp_path / "batch.npz", images=images)
     script = tmp_path / "predict.py"
     script.write_text(LOAD_AND_PREDICT)
-    for other in BACKENDS:
-        if other == keras.backend.backend():
-            continue
+    for other in OTHER_BACKENDS:
         out = tmp_path / f"logits-{other}.npy"
         env = {**os.environ, "KERAS_BACKEND": other}
         done = subprocess.run(
@@ -74,31 +76,13 @@ def test_checkpoint_gives_same_logits_and_accuracy_under_every_backend(tmp_path)
 
 def test_device_description_names_the_cpu_vector_extensions(monkeypatch):
     # VMs report "AMD EPYC" for CPUs that differ 4x in speed; the flags tell them apart.
-    monkeypatch.setattr(backend, "has_gpu", lambda: False)
-    monkeypatch.setattr(backend, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    assert "(AVX512-BF16)" in backend.device_description()
-    monkeypatch.setattr(backend, "_cpu_flags", lambda: {"avx2", "fma"})
-    assert "(AVX2)" in backend.device_description()
-    assert not backend.cpu_has_native_bfloat16()
-
-
-def test_device_description_names_the_gpu_on_every_backend(monkeypatch):
-    # A GPU result says which card made it, whichever backend ran (no GPU here:
-    # the backend's own answer is faked).
-    import types
-
-    monkeypatch.setattr(backend, "has_gpu", lambda: True)
-    fakes = {
-        "torch": types.SimpleNamespace(cuda=types.SimpleNamespace(get_device_name=lambda i: "NVIDIA H200")),
-        "jax": types.SimpleNamespace(devices=lambda: [types.SimpleNamespace(device_kind="NVIDIA H200")]),
-        "tensorflow": types.SimpleNamespace(config=types.SimpleNamespace(
-            list_physical_devices=lambda kind: ["gpu:0"],
-            experimental=types.SimpleNamespace(get_device_details=lambda d: {"device_name": "NVIDIA H200"}))),
-    }
-    for backend_name, module in fakes.items():
-        monkeypatch.setattr(backend, "name", lambda b=backend_name: b)
-        monkeypatch.setitem(sys.modules, backend_name, module)
-        assert backend.device_description() == "GPU NVIDIA H200", backend_name
+    monkeypatch.setattr(device, "has_gpu", lambda: False)
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert "(AVX512-BF16)" in device.description()
+    assert device.cpu_has_native_bfloat16()
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx2", "fma"})
+    assert "(AVX2)" in device.description()
+    assert not device.cpu_has_native_bfloat16()
 
 
 def test_importing_kerasrot_turns_on_tensorflows_onednn_kernels():

@@ -8,7 +8,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from kerasrot.cli import main
+from kerasrot.runner.cli import main
 
 TINY = [
     "--set", "rotation.images_per_class=3", "--set", "rotation.test_images_per_class=2",
@@ -100,13 +100,17 @@ def test_report_redraws_from_metrics(table2_run):
     assert (out / "table.md").exists()
 
 
-def test_failing_run_leaves_earlier_results_untouched(table2_run, tmp_path):
+def test_run_that_fails_mid_way_leaves_earlier_results_untouched(table2_run, data_root, monkeypatch):
+    # The rotation stage is reused from the cache, the next stage trains and fails in its second epoch.
     root, _ = table2_run
-    before = (results_of(root) / "metrics.json").read_bytes()
-    result = invoke("run", "table2", "--data-dir", tmp_path / "empty", "--workdir", root / "work",
-                    "--results", root / "results", *TINY)
-    assert result.exit_code != 0
-    assert (results_of(root) / "metrics.json").read_bytes() == before
+    before = {f.name: f.read_bytes() for f in results_of(root).iterdir()}
+    result = invoke("run", "table2", "--data-dir", data_root, "--workdir", root / "work",
+                    "--results", root / "results", *TINY, "--set", "classify.seed=7",
+                    "--set", "classify.schedule=step", "--set", "classify.step_epochs=1",
+                    "--set", "classify.step_gamma=1e30")
+    assert result.exit_code == 1, result.output
+    assert "[stage 1/3] rotation: done before" in result.output
+    assert {f.name: f.read_bytes() for f in results_of(root).iterdir()} == before
 
 
 @pytest.mark.parametrize(
@@ -118,6 +122,11 @@ def test_failing_run_leaves_earlier_results_untouched(table2_run, tmp_path):
         (["run", "table2", "--set", "rotation.epochs=three"], "expected int"),
         (["run", "table2", "--set", "rotation.epochs=-2"], "at least 1"),
         (["run", "table2", "--set", "classify.batch_size=0"], "at least 1"),
+        (["run", "table2", "--set", "rotation.learning_rate=nan"], "learning_rate must be a finite number"),
+        (["run", "figure1", "--set", "figure1.labels_per_class=20,abc"], "expected positive integers"),
+        (["run", "figure1", "--set", "figure1.labels_per_class=20,-5"], "expected positive integers"),
+        (["run", "table2", "--set", "classify.pipeline=fast"], "must be one of memory, tfdata"),
+        (["evaluate", "/nonexistent/model.keras", "--dataset", "mnist"], "does not exist"),
         (["run", "table2", "--data-dir", "/nonexistent/data"], "does not exist"),
         (["evaluate", "/nonexistent/model.keras"], "does not exist"),
         (["report", "table2", "--results", "/nonexistent/results"], "no /nonexistent/results"),
@@ -133,7 +142,7 @@ def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(args, message):
 
 def test_bad_input_in_a_real_process_exits_1_with_one_line_on_stderr(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "kerasrot.cli", "run", "table9", "--workdir", str(tmp_path / "w"),
+        [sys.executable, "-m", "kerasrot", "run", "table9", "--workdir", str(tmp_path / "w"),
          "--results", str(tmp_path / "r")],
         capture_output=True, text=True, timeout=120,
     )
@@ -155,7 +164,8 @@ def test_wrong_number_of_classes_is_a_clear_error(tmp_path, data_root):
     result = _tiny_run(tmp_path / "four", tmp_path)
     assert result.exit_code == 1 and "has 4 class folders, cifar10 has 10" in result.stderr
 
-    from kerasrot import files, models
+    from kerasrot import models
+    from kerasrot.runner import files
 
     seven = models.build_model("resnet18", 7, stem="imagenet", name="resnet18_classify_cifar10")
     files.save_model(seven, tmp_path / "seven.keras")
@@ -213,7 +223,7 @@ def test_corrupt_checkpoint_and_wrong_task_are_clear_errors(tmp_path, table2_run
 def test_full_disk_mid_run_is_a_clear_error(tmp_path, data_root, monkeypatch):
     import errno
 
-    from kerasrot import files
+    from kerasrot.runner import files
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -224,7 +234,7 @@ def test_full_disk_mid_run_is_a_clear_error(tmp_path, data_root, monkeypatch):
 
 
 def test_second_run_on_the_same_workdir_is_refused(tmp_path, data_root):
-    from kerasrot import files
+    from kerasrot.runner import files
 
     with files.workdir_lock(tmp_path / "work"):
         result = _tiny_run(data_root, tmp_path)
@@ -233,7 +243,7 @@ def test_second_run_on_the_same_workdir_is_refused(tmp_path, data_root):
 
 def test_invalid_backend_is_one_line_without_traceback():
     env = {**os.environ, "KERAS_BACKEND": "bogus"}
-    done = subprocess.run([sys.executable, "-m", "kerasrot.cli", "list"], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "kerasrot", "list"], env=env, capture_output=True, text=True)
     assert done.returncode == 1
     assert "error: KERAS_BACKEND='bogus' is not supported" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
@@ -244,18 +254,18 @@ def test_kill_9_mid_run_then_the_same_command_resumes_without_losing_or_repeatin
     import time
 
     command = [
-        sys.executable, "-m", "kerasrot.cli", "run", "table1", "--data-dir", str(data_root),
+        sys.executable, "-m", "kerasrot", "run", "table1", "--data-dir", str(data_root),
         "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
         *TINY, "--set", "rotation.epochs=4", "--set", "rotation.images_per_class=6",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not list((tmp_path / "work").glob("stages/*/checkpoints/state.json")):
+    while time.time() < deadline and not list((tmp_path / "work").glob("stages/*/checkpoints/training_metadata.json")):
         time.sleep(0.2)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    state = json.loads(next((tmp_path / "work").glob("stages/*/checkpoints/state.json")).read_text())
+    state = json.loads(next((tmp_path / "work").glob("stages/*/checkpoints/training_metadata.json")).read_text())
     assert 1 <= state["epoch"] < 4
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -266,3 +276,19 @@ def test_kill_9_mid_run_then_the_same_command_resumes_without_losing_or_repeatin
     suffix = "" if keras.backend.backend() == "torch" else f"-{keras.backend.backend()}"
     metrics = json.loads((tmp_path / "results" / "table1" / f"quick{suffix}" / "metrics.json").read_text())
     assert [r["epoch"] for r in metrics["stages"]["rotation"]["history"]] == [1, 2, 3, 4]
+
+
+def test_diverging_stage_stops_with_one_line_keeps_its_checkpoint_and_writes_no_result(tmp_path, data_root):
+    # The learning rate is fine for epoch 1 and multiplied by 1e30 from epoch 2 on.
+    diverge = ["--set", "rotation.epochs=3", "--set", "rotation.schedule=step", "--set", "rotation.step_epochs=1",
+               "--set", "rotation.step_gamma=1e30"]
+    result = _tiny_run(data_root, tmp_path, *diverge)
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in result.output
+    assert line.startswith("error: stage rotation diverged: the loss became ")
+    assert " in epoch 2 (batch " in line and "the checkpoint of epoch 1 stays in " in line
+    (stage,) = (tmp_path / "work" / "stages").iterdir()
+    assert json.loads((stage / "checkpoints" / "training_metadata.json").read_text())["epoch"] == 1
+    assert not (stage / "result.json").exists() and not (stage / "model.keras").exists()
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").rglob("metrics.json"))

@@ -2,7 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from kerasrot import backend, files, models
+from kerasrot import models
+from kerasrot.runner import files, speed
 
 
 def trainable_parameters(model):
@@ -76,20 +77,23 @@ def test_head_swap_keeps_backbone_weights_and_starts_a_new_head():
     "data_format,precision",
     [("channels_first", "float32"), ("channels_first", "mixed_bfloat16"), ("channels_last", "mixed_bfloat16")],
 )
-def test_export_of_a_fast_layout_model_is_nhwc_float32_with_the_same_weights_and_logits(data_format, precision):
+def test_weights_of_a_fast_layout_model_give_the_same_logits_in_keras_defaults(data_format, precision):
+    # How a stage's model is saved for users: its weights, moved into a model built with Keras' defaults.
     if keras.backend.backend() == "tensorflow" and data_format == "channels_first":
         pytest.skip("TensorFlow's CPU convolutions support channels_last only")
     spec = {"arch": "resnet18", "num_classes": 4, "stem": "imagenet", "image_size": 32}
-    with backend.layout(data_format, precision, fused_batchnorm="on"):
-        fast = models.build_model(**spec)
+    fast = speed.with_fused_batchnorm(models.build_model(**spec, data_format=data_format, dtype=precision))
     if precision == "float32":
         _train_step(fast, num_classes=4)  # non-trivial BN statistics (bf16 steps are slow on CPU)
-    portable = models.export(fast, spec)
-    assert keras.config.image_data_format() == "channels_last"  # export restores the global layout
+    portable = models.build_model(**spec)
+    models.transfer_weights(fast, portable, skip_blocks=())
+    assert keras.config.image_data_format() == "channels_last"  # no global state changed
+    assert keras.config.dtype_policy().name == "float32"
     for layer in portable.layers:
         if hasattr(layer, "data_format"):
             assert layer.data_format == "channels_last", layer.name
         assert layer.dtype_policy.name == "float32", layer.name
+        assert type(layer) is not speed.FusedBatchNormalization
     assert [w.path for w in portable.weights] == [w.path for w in fast.weights]
     for a, b in zip(portable.weights, fast.weights):
         assert a.dtype == "float32"

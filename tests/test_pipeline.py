@@ -2,17 +2,22 @@ import keras
 import numpy as np
 import pytest
 
-from kerasrot import data
-from kerasrot.pipeline import CROP_PADDING, Batches, crop_and_flip, four_rotations
+from kerasrot import data, models, training
+from kerasrot.pipeline import Batches, EpochSetter
+from kerasrot.rotations import CROP_PADDING, crop_and_flip, four_rotations
 
 
 def as_numpy(x):
     return keras.ops.convert_to_numpy(x)
 
 
+def tensors(*arrays):
+    return [keras.ops.convert_to_tensor(a) for a in arrays]
+
+
 def test_rotated_copy_is_rot90_of_original_with_label_k():
     images = np.random.default_rng(0).integers(0, 255, size=(3, 8, 8, 3)).astype("float32")
-    rotated, labels = four_rotations(keras.ops.convert_to_tensor(images))
+    rotated, labels = four_rotations(*tensors(images))
     rotated, labels = as_numpy(rotated), as_numpy(labels)
     assert rotated.shape == (12, 8, 8, 3)
     for k in range(4):
@@ -21,22 +26,14 @@ def test_rotated_copy_is_rot90_of_original_with_label_k():
             assert labels[k * 3 + i] == k
 
 
-def test_crop_at_padding_offset_without_flip_is_identity_and_flip_mirrors():
-    images = np.random.default_rng(1).integers(0, 255, size=(2, 8, 8, 3)).astype("float32")
-    offsets = np.full((2, 2), CROP_PADDING, dtype="int32")
-    same = crop_and_flip(images, offsets, np.array([False, False]))
-    np.testing.assert_array_equal(as_numpy(same), images)
-    flipped = as_numpy(crop_and_flip(images, offsets, np.array([True, False])))
-    np.testing.assert_array_equal(flipped[0], images[0][:, ::-1])
-    np.testing.assert_array_equal(flipped[1], images[1])
-
-
 def test_crop_and_flip_matches_numpy_slicing():
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (6, 32, 32, 3)).astype("float32")
-    offsets = rng.integers(0, 2 * CROP_PADDING + 1, (6, 2))
-    flips = np.array([True, False, True, False, False, True])
-    ours = keras.ops.convert_to_numpy(crop_and_flip(images, offsets, flips))
+    offsets = rng.integers(0, 2 * CROP_PADDING + 1, (6, 2)).astype("int32")
+    offsets[0] = CROP_PADDING  # the centre crop: the image itself
+    flips = np.array([False, False, True, False, False, True])
+    ours = as_numpy(crop_and_flip(*tensors(images, offsets, flips)))
+    np.testing.assert_array_equal(ours[0], images[0])
     padded = np.pad(images, ((0, 0), (CROP_PADDING,) * 2, (CROP_PADDING,) * 2, (0, 0)))
     for i, (dy, dx) in enumerate(offsets):
         expected = padded[i, dy : dy + 32, dx : dx + 32]
@@ -47,7 +44,8 @@ def test_crop_and_flip_matches_numpy_slicing():
 
 def test_crop_shifts_image_and_fills_with_zeros():
     images = np.ones((1, 8, 8, 1), dtype="float32")
-    shifted = as_numpy(crop_and_flip(images, np.array([[0, CROP_PADDING]], dtype="int32"), np.array([False])))
+    offsets = np.array([[0, CROP_PADDING]], dtype="int32")
+    shifted = as_numpy(crop_and_flip(*tensors(images, offsets, np.array([False]))))
     assert shifted[0, :CROP_PADDING].sum() == 0  # rows taken from the top padding
     assert shifted[0, CROP_PADDING:].min() == 1
 
@@ -79,17 +77,14 @@ def test_rotation_batches_hold_four_copies_of_each_image_with_balanced_labels():
     batches = Batches(_identity_images(10), np.zeros(10), 4, rotations=True, shuffle=True)
     ids, labels = [], []
     for i in range(len(batches)):
-        images, rot = batches[i]
-        ids.append(as_numpy(images)[:, 0, 0, 0])
-        labels.append(as_numpy(rot))
-        # the same images, in the same order, in each quarter of the batch
-        images, rot = as_numpy(images), as_numpy(rot)
+        images, rot = (as_numpy(t) for t in batches[i])
         quarter = len(rot) // 4
         first = images[:quarter]
-        for k in range(4):
+        for k in range(4):  # the same images, in the same order, in each quarter of the batch
             np.testing.assert_array_equal(images[k * quarter:(k + 1) * quarter], np.rot90(first, k, axes=(1, 2)))
             assert (rot[k * quarter:(k + 1) * quarter] == k).all()
-        ids[-1] = first[:, 0, 0, 0]
+        ids.append(first[:, 0, 0, 0])
+        labels.append(rot)
     labels = np.concatenate(labels)
     assert [len(b) for b in ids] == [4, 4, 2]  # the last, partial batch is kept
     assert sorted(np.concatenate(ids).astype(int).tolist()) == list(range(10))
@@ -116,27 +111,18 @@ def test_epoch_length_that_is_not_a_multiple_truncates_the_last_pass():
     assert len(set(ids[10:].tolist())) == 2
 
 
-def test_same_seed_and_epoch_give_same_batches_and_next_epoch_reshuffles():
+def test_batches_depend_on_seed_and_epoch_only():
     images = np.random.default_rng(0).integers(0, 255, size=(20, 8, 8, 3)).astype("uint8")
-    a = Batches(images, np.zeros(20), 20, augment=True, shuffle=True, seed=5)
-    b = Batches(images, np.zeros(20), 20, augment=True, shuffle=True, seed=5)
-    np.testing.assert_array_equal(as_numpy(a[0][0]), as_numpy(b[0][0]))
-    b.set_epoch(1)
-    assert not np.array_equal(as_numpy(a[0][0]), as_numpy(b[0][0]))
-    b.set_epoch(0)  # back to epoch 0: the same batch again (what a resumed run relies on)
-    np.testing.assert_array_equal(as_numpy(a[0][0]), as_numpy(b[0][0]))
 
-
-def test_order_depends_on_seed_and_epoch_only():
-    def order(seed, epoch):
-        batches = Batches(_identity_images(20), np.zeros(20), 20, shuffle=True, seed=seed)
+    def first_batch(seed, epoch):
+        batches = Batches(images, np.zeros(20), 20, augment=True, shuffle=True, seed=seed)
         batches.set_epoch(epoch)
-        return as_numpy(batches[0][0])[:, 0, 0, 0].astype(int).tolist()
+        return as_numpy(batches[0][0])
 
-    assert order(5, 0) == order(5, 0)
-    assert order(5, 1) != order(5, 0)
-    assert order(6, 0) != order(5, 0)
-    unshuffled = Batches(_identity_images(20), np.zeros(20), 20, shuffle=False)
+    np.testing.assert_array_equal(first_batch(5, 1), first_batch(5, 1))  # what a resumed run relies on
+    assert not np.array_equal(first_batch(5, 1), first_batch(5, 0))
+    assert not np.array_equal(first_batch(6, 1), first_batch(5, 1))
+    unshuffled = Batches(_identity_images(20), np.zeros(20), 20)
     assert as_numpy(unshuffled[0][0])[:, 0, 0, 0].astype(int).tolist() == list(range(20))
 
 
@@ -147,16 +133,38 @@ def test_memory_and_tfdata_pipelines_yield_the_same_batches(augment, rotations):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(11, 8, 8, 3)).astype("uint8")
     labels = rng.integers(0, 10, size=11)
-    kwargs = dict(batch_size=4, rotations=rotations, augment=augment, shuffle=True, seed=7)
-    memory = Batches(images, labels, pipeline="memory", **kwargs)
-    tfdata = Batches(images, labels, pipeline="tfdata", **kwargs)
+    batches = Batches(images, labels, 4, rotations=rotations, augment=augment, shuffle=True, seed=7)
+    dataset = batches.as_tf_dataset()
     for epoch in (0, 1):
-        memory.set_epoch(epoch)
-        tfdata.set_epoch(epoch)
-        for i in range(len(memory)):
-            (x1, y1), (x2, y2) = memory[i], tfdata[i]
-            np.testing.assert_array_equal(as_numpy(x1), as_numpy(x2))
-            np.testing.assert_array_equal(as_numpy(y1), as_numpy(y2))
+        batches.set_epoch(epoch)
+        from_tfdata = list(dataset.as_numpy_iterator())
+        assert len(from_tfdata) == len(batches)
+        for i, (x, y) in enumerate(from_tfdata):
+            np.testing.assert_array_equal(as_numpy(batches[i][0]), x)
+            np.testing.assert_array_equal(as_numpy(batches[i][1]), y)
+
+
+def test_both_pipelines_train_a_model_alike_inside_fit_epoch_after_epoch(tmp_path):
+    """Guards the epoch plan in `fit`: the tf.data pipeline must read each epoch's plan after EpochSetter."""
+    pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(24, 32, 32, 3)).astype("uint8")
+    settings = {"epochs": 3, "learning_rate": 0.02, "schedule": "constant", "optimizer": "sgd", "momentum": 0.9,
+                "nesterov": False, "weight_decay": 0.0, "label_smoothing": 0.0,
+                "jit_compile": "on" if keras.backend.backend() == "jax" else "off"}
+    keras.utils.set_random_seed(0)
+    start = models.build_model("resnet18", 4, stem="imagenet").get_weights()
+    trained = {}
+    for pipeline in ("memory", "tfdata"):
+        model = models.build_model("resnet18", 4, stem="imagenet")
+        model.set_weights(start)
+        training.compile_model(model, settings, steps_per_epoch=3)
+        batches = Batches(images, np.zeros(24), 8, rotations=True, augment=True, shuffle=True, seed=1)
+        fit_data = batches if pipeline == "memory" else batches.as_tf_dataset()
+        model.fit(fit_data, epochs=3, shuffle=False, callbacks=[EpochSetter(batches)], verbose=0)
+        trained[pipeline] = model.get_weights()
+    for a, b in zip(trained["memory"], trained["tfdata"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_balanced_subset_takes_n_per_class_sorted_and_fixed_by_seed():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kerasrot import recipes, runner
+from kerasrot.runner import config, stages
 from tests.conftest import ARCHIVE, REAL_DATA
 
 pytestmark = pytest.mark.slow
@@ -66,15 +66,15 @@ def real_data_dir(tmp_path_factory):
 
 
 def test_short_rotation_run_on_real_cifar10_beats_chance_by_far(real_data_dir, tmp_path):
-    overrides = recipes.parse_overrides([
+    overrides = config.parse_overrides([
         f"rotation.images_per_class={TRAIN_PER_CLASS}", f"rotation.test_images_per_class={TEST_PER_CLASS}",
         "rotation.epochs=4", "rotation.warmup_epochs=1", "rotation.batch_size=32",
         "rotation.learning_rate=0.05", "rotation.augment=false",
         "rotation.stem=imagenet", "rotation.precision=float32", "rotation.verbose=0",
     ])
-    recipe = recipes.load("table1", "quick", overrides)
-    options = runner.RunOptions(data_dir=str(real_data_dir), workdir=tmp_path, log=lambda *a: None)
-    results = runner.run_recipe(recipe, options)
+    recipe = config.load("table1", "quick", overrides)
+    options = stages.RunOptions(data_dir=str(real_data_dir), workdir=tmp_path, log=lambda *a: None)
+    results = stages.run_recipe(recipe, options)
     rotation = results["rotation"]
     assert rotation["test_samples"] == 4 * TEST_PER_CLASS * 10
     assert [r["epoch"] for r in rotation["history"]] == [1, 2, 3, 4]

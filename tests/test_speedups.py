@@ -1,6 +1,6 @@
 """Every speed-up leaves the training results unchanged (within float tolerance).
 
-The fast settings (`kerasrot.backend`: channels_first, fused BatchNorm,
+The fast settings (`kerasrot.runner.speed`: channels_first, fused BatchNorm,
 mixed bfloat16) change *how* a step is computed, never *what*: the same model from the same weights, trained on the
 same batches, follows the same loss trajectory and ends with the same
 BatchNorm statistics as Keras' defaults (channels_last, float32, stock layers).
@@ -10,7 +10,8 @@ import keras
 import numpy as np
 import pytest
 
-from kerasrot import backend, models, training
+from kerasrot import models, training
+from kerasrot.runner import speed
 
 SPEC = {"arch": "resnet18", "num_classes": 4, "stem": "imagenet", "image_size": 32}
 SETTINGS = {
@@ -25,8 +26,9 @@ def _trajectory(data_format, precision, fused_batchnorm, start_weights):
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (32, 32, 32, 3)).astype("float32")
     labels = rng.integers(0, 4, 32)
-    with backend.layout(data_format, precision, fused_batchnorm):
-        model = models.build_model(**SPEC)
+    model = models.build_model(**SPEC, data_format=data_format, dtype=precision)
+    if fused_batchnorm == "on":
+        model = speed.with_fused_batchnorm(model)
     model.set_weights(start_weights)
     training.compile_model(model, SETTINGS, steps_per_epoch=STEPS)
     losses = []
@@ -40,8 +42,7 @@ def _trajectory(data_format, precision, fused_batchnorm, start_weights):
 def trajectory():
     """`trajectory(data_format, precision, fused_batchnorm)`, each computed once, all from one start."""
     keras.utils.set_random_seed(0)
-    with backend.layout("channels_last", "float32", "off"):
-        start_weights = models.build_model(**SPEC).get_weights()
+    start_weights = models.build_model(**SPEC).get_weights()
     seen = {}
 
     def run(*config):
@@ -87,14 +88,12 @@ def test_mixed_bfloat16_follows_float32_within_its_precision(trajectory, fused_b
         np.testing.assert_allclose(ours, theirs, rtol=0.1, atol=0.1)
 
 
-def test_fused_batchnorm_is_used_only_where_asked_and_exports_as_keras_own():
-    with backend.layout("channels_first", "float32", "on"):
-        fast = models.build_model(**SPEC)
-    bn_classes = {type(layer) for layer in fast.layers if isinstance(layer, keras.layers.BatchNormalization)}
-    expected = backend.FusedBatchNormalization if keras.backend.backend() == "torch" else keras.layers.BatchNormalization
-    assert bn_classes == {expected}
-    portable = models.export(fast, SPEC)
-    assert {type(layer) for layer in portable.layers if isinstance(layer, keras.layers.BatchNormalization)} == {
-        keras.layers.BatchNormalization
-    }
-    assert not backend._fused_batchnorm  # the layout was restored
+def test_fused_batchnorm_copy_swaps_only_the_batchnorm_layers_and_keeps_the_weights():
+    model = models.build_model(**SPEC, data_format="channels_first")
+    fused = speed.with_fused_batchnorm(model)
+    swapped = [layer.name for layer in fused.layers if type(layer) is speed.FusedBatchNormalization]
+    assert swapped == [layer.name for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert [type(a) for a in fused.layers if a.name not in swapped] == \
+        [type(b) for b in model.layers if b.name not in swapped]
+    for a, b in zip(fused.weights, model.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))

@@ -1,14 +1,17 @@
+import json
+
 import keras
 import numpy as np
 import pytest
 
-from kerasrot import backend, models, training
+from kerasrot import models, training
 from kerasrot.pipeline import Batches
 
 SETTINGS = {
     "epochs": 4, "learning_rate": 0.05, "schedule": "cosine", "warmup_epochs": 1, "step_epochs": [2],
     "step_gamma": 0.1, "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3,
-    "label_smoothing": 0.0, "jit_compile": "off", "verbose": 0,
+    "label_smoothing": 0.0, "pipeline": "memory", "verbose": 0,
+    "jit_compile": "on" if keras.backend.backend() == "jax" else "off",  # as runs do: JAX is slow uncompiled
 }
 
 
@@ -18,9 +21,7 @@ def _fresh_stage():
     images = np.random.default_rng(0).integers(0, 255, size=(10, 32, 32, 3)).astype("uint8")
     train = Batches(images, np.zeros(10), 4, rotations=True, augment=True, shuffle=True, seed=1)  # 4+4+2
     test = Batches(images[:4], np.zeros(4), 4, rotations=True)
-    with backend.layout("channels_last", "float32"):
-        model = models.build_model("resnet18", 4, stem="imagenet")
-    return model, train, test
+    return models.build_model("resnet18", 4, stem="imagenet"), train, test
 
 
 class StopAfter(keras.callbacks.Callback):
@@ -35,19 +36,96 @@ class StopAfter(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
-def test_interrupted_stage_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
-    straight, straight_history = training.fit_and_evaluate(*_fresh_stage(), SETTINGS, tmp_path / "a")
+def assert_same_weights(a, b):
+    for x, y in zip(a.weights, b.weights):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(x), keras.ops.convert_to_numpy(y), atol=1e-5)
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    model, train, test = _fresh_stage()
+    history = training.train(model, train, test, SETTINGS, tmp_path_factory.mktemp("straight"))
+    return model, history
+
+
+def test_interrupted_stage_resumes_and_ends_like_an_uninterrupted_one(tmp_path, uninterrupted):
+    straight, straight_history = uninterrupted
     with pytest.raises(KeyboardInterrupt):
-        training.fit_and_evaluate(*_fresh_stage(), SETTINGS, tmp_path / "b", callbacks=[StopAfter(2)])
+        training.train(*_fresh_stage(), SETTINGS, tmp_path, callbacks=[StopAfter(2)])
     logged = []
-    resumed, history = training.fit_and_evaluate(*_fresh_stage(), SETTINGS, tmp_path / "b", log=logged.append)
+    model, train, test = _fresh_stage()
+    history = training.train(model, train, test, SETTINGS, tmp_path, log=logged.append)
 
-    assert any("resuming from the checkpoint of epoch 2/4" in line for line in logged)
+    assert logged == ["resuming from the checkpoint of epoch 2/4"]
     assert [record["epoch"] for record in history] == [1, 2, 3, 4]
-    for a, b in zip(straight.weights, resumed.weights):
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), atol=1e-5)
+    assert_same_weights(straight, model)
     assert history[-1]["loss"] == pytest.approx(straight_history[-1]["loss"], rel=1e-4)
+    assert history[-1]["learning_rate"] == pytest.approx(straight_history[-1]["learning_rate"])
+
+
+def test_kill_between_history_row_and_checkpoint_repeats_the_epoch_and_logs_it_once(
+        tmp_path, monkeypatch, uninterrupted):
+    # CSVLogger writes epoch 2's row, then the run dies before BackupAndRestore
+    # saves epoch 2: the resumed run trains epoch 2 again, the CSV holds it
+    # twice, and read_history keeps the later row.
+    class DiesBeforeSavingEpoch2(keras.callbacks.BackupAndRestore):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+            super().on_epoch_end(epoch, logs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(keras.callbacks, "BackupAndRestore", DiesBeforeSavingEpoch2)
+        with pytest.raises(KeyboardInterrupt):
+            training.train(*_fresh_stage(), SETTINGS, tmp_path)
+    assert json.loads((tmp_path / "training_metadata.json").read_text())["epoch"] == 1
+    model, train, test = _fresh_stage()
+    history = training.train(model, train, test, SETTINGS, tmp_path)
+
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["0", "1", "1", "2", "3"]
+    assert [record["epoch"] for record in history] == [1, 2, 3, 4]
+    assert_same_weights(uninterrupted[0], model)
+
+
+class PoisonAtEpoch(keras.callbacks.Callback):
+    """Makes a weight NaN at the start of epoch `epoch` (from 1): the next loss is NaN."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            kernel = self.model.get_layer("head_logits").kernel
+            kernel.assign(keras.ops.full(kernel.shape, float("nan")))
+
+
+def test_diverging_loss_stops_naming_the_epoch_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(training.Diverged, match="the loss became nan in epoch 3 \\(batch 1\\)") as stopped:
+        training.train(*_fresh_stage(), SETTINGS, tmp_path, callbacks=[PoisonAtEpoch(3)])
+    assert stopped.value.epoch == 3
+    assert json.loads((tmp_path / "training_metadata.json").read_text())["epoch"] == 2
+    model = _fresh_stage()[0]
+    training.compile_model(model, SETTINGS, 3)
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(tmp_path / "latest.weights.h5")
+    assert all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in model.weights)
+    assert [r["epoch"] for r in training.read_history(tmp_path / "history.csv")] == [1, 2]
+
+
+def test_keras_terminate_on_nan_default_would_checkpoint_the_diverged_weights(tmp_path):
+    # Why StopOnDivergence raises: TerminateOnNaN's default stops gracefully,
+    # the epoch ends, and BackupAndRestore saves NaN weights over the good ones.
+    model, train, _ = _fresh_stage()
+    training.compile_model(model, SETTINGS, len(train))
+    model.fit(train, epochs=4, verbose=0, callbacks=[
+        PoisonAtEpoch(3), keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.BackupAndRestore(str(tmp_path), delete_checkpoint=False),
+    ])
+    assert json.loads((tmp_path / "training_metadata.json").read_text())["epoch"] == 3
+    model.load_weights(tmp_path / "latest.weights.h5")
+    assert not np.isfinite(keras.ops.convert_to_numpy(model.get_layer("head_logits").kernel)).all()
 
 
 @pytest.mark.parametrize("optimizer", training.OPTIMIZERS)
@@ -62,14 +140,6 @@ def test_every_optimizer_and_schedule_builds_and_steps(optimizer, schedule):
     before = keras.ops.convert_to_numpy(model.weights[0]).copy()
     model.train_on_batch(np.eye(4, dtype="float32"), np.arange(4))
     assert not np.array_equal(before, keras.ops.convert_to_numpy(model.weights[0]))
-
-
-def test_label_smoothing_loss_takes_integer_labels():
-    loss = training.SmoothedSparseCrossentropy(0.1)
-    logits = np.array([[10.0, 0.0, 0.0]], dtype="float32")
-    smoothed = float(loss(np.array([0]), logits))
-    plain = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(np.array([0]), logits))
-    assert smoothed > plain > 0
 
 
 def test_schedules_follow_their_definition():

@@ -1,10 +1,11 @@
-"""Evaluation: the accuracy of a saved `.keras` model, under any backend.
+"""Evaluate: the accuracy of a saved `.keras` model, under any backend.
 
 The task is read off the model: 4 outputs predict rotations, otherwise it
-classifies. The dataset comes from the model's name (`resnet18_rotation_cifar10`)
-and the test subset from the `result.json` that the runner writes beside
-every model it trains, so `kerasrot evaluate model.keras` re-measures the
-recorded number, on whichever backend `KERAS_BACKEND` names.
+classifies. The dataset, the test subset and the batch size come from the
+`result.json` that the runner writes beside every model it trains (else
+from the model's name, `resnet18_rotation_cifar10`), so `kerasrot evaluate
+model.keras` re-measures the recorded number, on whichever backend
+`KERAS_BACKEND` names.
 """
 
 import json
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import keras
 
-from kerasrot import backend, data
+from kerasrot import data
 from kerasrot.data import DataError
-from kerasrot.pipeline import NUM_ROTATIONS, Batches, default_pipeline
+from kerasrot.pipeline import Batches
+from kerasrot.rotations import NUM_ROTATIONS
+from kerasrot.runner import device
 from kerasrot.training import accuracy
 
 
@@ -31,13 +34,17 @@ def load_checkpoint(path):
         raise DataError(f"cannot load {path}: {type(error).__name__}: {str(error)[:200]}") from None
 
 
-def evaluate_checkpoint(path, data_dir, dataset=None, test_images_per_class=None, pipeline=None):
-    """Evaluates the checkpoint at `path` and returns a one-paragraph report."""
+def evaluate_checkpoint(path, data_dir, dataset=None, test_images_per_class=None):
+    """Evaluates the checkpoint at `path` and returns a one-paragraph report.
+
+    `test_images_per_class`: None as recorded, "all", or a number.
+    """
     model = load_checkpoint(path)
     recorded = _recorded_result(path)
+    settings = recorded.get("settings", {})
     outputs = model.output_shape[-1]
     task = "rotation" if outputs == NUM_ROTATIONS else "classify"
-    dataset = dataset or recorded.get("settings", {}).get("dataset") or _dataset_from_name(model.name)
+    dataset = dataset or settings.get("dataset") or _dataset_from_name(model.name)
     info = data.dataset_info(dataset)
     if task == "classify" and outputs != info.num_classes:
         raise DataError(f"{path} predicts {outputs} classes, {dataset} has {info.num_classes}: not a {dataset} model")
@@ -45,30 +52,25 @@ def evaluate_checkpoint(path, data_dir, dataset=None, test_images_per_class=None
     if model.input_shape[1:] != (image_size, image_size, 3):
         raise DataError(f"{path} takes inputs of shape {model.input_shape[1:]}, not square RGB images")
 
-    per_class = _per_class(test_images_per_class, recorded)
-    seed = recorded.get("settings", {}).get("seed", 0)
-    pipeline = pipeline or default_pipeline()
+    per_class = _per_class(test_images_per_class, settings)
     test = data.load_split(dataset, "test", image_size, data_dir)
-    test = test.subset(data.balanced_subset(test.labels, per_class, seed))
-    batch_size = recorded.get("settings", {}).get("batch_size", 256)  # as when recorded: same sums
-    batches = Batches(test.images, test.labels, batch_size, rotations=task == "rotation", pipeline=pipeline)
+    test = test.subset(data.balanced_subset(test.labels, per_class, settings.get("seed", 0)))
+    batch_size = settings.get("batch_size", 256)  # as when recorded: the same sums
+    batches = Batches(test.images, test.labels, batch_size, rotations=task == "rotation")
     measured = accuracy(model, batches)
 
     what = "rotated test images (4 per image)" if task == "rotation" else "test images"
     lines = [
         f"accuracy {measured:.2f}% on {batches.num_samples} {what} of {dataset} "
-        f"({task}; backend {backend.name()}, {backend.device_description()})"
+        f"({task}; backend {keras.backend.backend()}, {device.description()})"
     ]
     if "accuracy" in recorded:
-        backend_then = recorded.get("backend", "torch")
-        lines.append(f"recorded when trained: {recorded['accuracy']:.2f}% (backend {backend_then})")
+        lines.append(f"recorded when trained: {recorded['accuracy']:.2f}% (backend {recorded.get('backend')})")
     return "\n".join(lines)
 
 
 def _recorded_result(path):
     result = Path(path).with_name("result.json")
-    if not result.exists():
-        return {}
     try:
         return json.loads(result.read_text())
     except (OSError, json.JSONDecodeError):
@@ -82,15 +84,11 @@ def _dataset_from_name(name):
     return "cifar10"
 
 
-def _per_class(text, recorded):
+def _per_class(text, settings):
     if text is None:
-        return recorded.get("settings", {}).get("test_images_per_class")
+        return settings.get("test_images_per_class")
     if str(text).lower() == "all":
         return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise DataError(f"--test-images-per-class must be a positive number or 'all', got {text!r}") from None
-    if value < 1:
+    if not str(text).isdigit() or int(text) < 1:
         raise DataError(f"--test-images-per-class must be a positive number or 'all', got {text!r}")
-    return value
+    return int(text)

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -53,6 +54,10 @@ def save_model(model, path):
     """`model.save(path)`, atomically (Keras writes `.keras` zips in place)."""
     with atomic_path(path) as tmp:
         model.save(tmp)
+
+
+def remove_tree(path):
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -7,14 +7,13 @@ everything else in `results/<recipe>/<preset>/` is rendered from it, so
 
 import csv
 import io
-import json
 import platform
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from kerasrot import files
+from kerasrot.runner import files
 
 PACKAGES = ("keras", "torch", "jax", "tensorflow", "tensorflow-cpu", "tensorflow-datasets", "numpy")
 HISTORY_FIELDS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
@@ -65,7 +64,7 @@ def provenance(command, backend_name, device, data_source, wall_seconds, setting
         "pipeline": sorted({s["pipeline"] for s in settings}),
         "precision": sorted({s["precision"] for s in settings}),
         "data_format": sorted({s["data_format"] for s in settings}),
-        "fused_batchnorm": sorted({s.get("fused_batchnorm", "off") for s in settings}),
+        "fused_batchnorm": sorted({s["fused_batchnorm"] for s in settings}),
         "platform": f"{platform.system()} {platform.machine()}, {sys.implementation.name}",
     }
 
@@ -121,10 +120,10 @@ def markdown_table(metrics):
         f"{', fused BatchNorm' if 'on' in p.get('fused_batchnorm', []) else ''}), "
         f"data: {p['data']}, commit {p['commit']}, {p['wall_seconds'] / 60:.1f} min.",
     ]
-    if "image folder" in p["data"]:
+    if "cifar10 (JPEG" in p["data"]:
         lines.append(
-            "Data caveat: the offline CIFAR-10 copy is the JPEG export (quality 75) of the dataset; "
-            "the offline ImageNette copy is resized to 96x96. Accuracies can differ slightly from the originals."
+            "CIFAR-10 was read from JPEG files, a lossy copy of its original pixels: "
+            "accuracies can differ slightly from the original dataset's."
         )
     return "\n".join(lines) + "\n"
 
@@ -232,6 +231,3 @@ def render(directory):
         plot_figure1(metrics, directory / "figure1.png")
     return metrics
 
-
-def summary(metrics):
-    return json.dumps(metrics["accuracy"], indent=2)

@@ -92,10 +92,11 @@ def _friendly_errors(function):
 
 def _describe(error):
     from kerasrot.data import DataError
-    from kerasrot.files import WorkdirBusy
-    from kerasrot.recipes import RecipeError
+    from kerasrot.runner.config import RecipeError
+    from kerasrot.runner.files import WorkdirBusy
+    from kerasrot.runner.stages import StageError
 
-    if isinstance(error, (DataError, RecipeError, WorkdirBusy)):
+    if isinstance(error, (DataError, RecipeError, WorkdirBusy, StageError)):
         return f"error: {error}"
     if isinstance(error, PermissionError):
         return f"error: cannot write {error.filename}: permission denied; choose a writable --workdir/--results"
@@ -117,10 +118,10 @@ def main(debug):
 @_friendly_errors
 def list_recipes():
     """The recipes and what each reproduces."""
-    from kerasrot import recipes
+    from kerasrot.runner import config
 
-    for name in recipes.available():
-        recipe = recipes.load(name, "quick")
+    for name in config.available():
+        recipe = config.load(name, "quick")
         click.echo(f"{name:11s} {recipe.title}")
         click.echo(f"{'':11s} stages: {', '.join(s.name for s in recipe.stages)}")
 
@@ -132,14 +133,15 @@ def list_recipes():
 @_friendly_errors
 def show(recipe, preset, overrides):
     """The stages and every setting of RECIPE, after preset and overrides."""
-    from kerasrot import recipes
+    from kerasrot.runner import config
 
-    loaded = recipes.load(recipe, preset, recipes.parse_overrides(overrides))
+    loaded = config.load(recipe, preset, config.parse_overrides(overrides))
     click.echo(f"{loaded.name} --preset {preset}: {loaded.title}\n{loaded.reproduces}\n")
     for stage in loaded.stages:
         click.echo(f"stage {stage.name} ({stage.task})")
         for key, value in stage.settings.items():
-            click.echo(f"  {stage.task}.{key:22s} = {value!r:12}  # {recipes.SETTINGS[key].help}")
+            shown = "all" if value is None else value
+            click.echo(f"  {stage.task}.{key:22s} = {shown!r:12}  # {config.SETTINGS[key].help}")
 
 
 @main.command()
@@ -155,36 +157,35 @@ def show(recipe, preset, overrides):
 )
 @click.option("--results", type=click.Path(file_okay=False), default="results", show_default=True,
               help="Where results/<recipe>/<preset>/ go.")
-@click.option("--pipeline", type=click.Choice(["tfdata", "memory"]), default=None,
-              help="Input pipeline [default: memory; both make the same batches].")
 @click.option("--set", "overrides", multiple=True, metavar="TASK.KEY=VALUE",
               help="Override a setting, e.g. --set rotation.epochs=3 (see `kerasrot show`).")
 @_friendly_errors
-def run(recipe, preset, data_dir, workdir, results, pipeline, overrides):
+def run(recipe, preset, data_dir, workdir, results, overrides):
     """Train and evaluate every stage of RECIPE, then write its results."""
     _import_tensorflow_quietly()
-    from kerasrot import backend, data, recipes, reporting, runner
+    import keras
+
+    from kerasrot.runner import config, device, reporting, stages
 
     started = time.perf_counter()
     commit = reporting.git_commit()  # the code that runs, even if the tree changes meanwhile
-    loaded = recipes.load(recipe, preset, recipes.parse_overrides(overrides))
-    data_dir = data_dir or data.default_data_dir()
-    if data_dir and not Path(data_dir).is_dir():
-        raise Failure(f"error: --data-dir {data_dir} does not exist (see README, 'Data')")
+    loaded = config.load(recipe, preset, config.parse_overrides(overrides))
+    data_dir = _data_dir(data_dir)
     workdir = Path(workdir or os.environ.get("KERASROT_WORKDIR") or DEFAULT_WORKDIR).expanduser()
-    out = reporting.results_dir(results, loaded.name, preset, backend.name())
+    backend = keras.backend.backend()
+    out = reporting.results_dir(results, loaded.name, preset, backend)
     _check_writable(out)
     _check_writable(workdir)
 
-    click.echo(f"kerasrot run {loaded.name} --preset {preset}: backend {backend.name()}, "
-               f"{backend.device_description()}, workdir {workdir}, results {out}")
-    options = runner.RunOptions(data_dir=data_dir, workdir=workdir, pipeline=pipeline, log=click.echo)
-    stage_results = runner.run_recipe(loaded, options)
+    click.echo(f"kerasrot run {loaded.name} --preset {preset}: backend {backend}, "
+               f"{device.description()}, workdir {workdir}, results {out}")
+    options = stages.RunOptions(data_dir=data_dir, workdir=workdir, log=click.echo)
+    stage_results = stages.run_recipe(loaded, options)
 
     settings = [s.settings for s in loaded.stages]
     sources = sorted({r["data_source"] for r in stage_results.values()})
     prov = reporting.provenance(
-        _command_line(), backend.name(), backend.device_description(), "; ".join(sources),
+        _command_line(), backend, device.description(), "; ".join(sources),
         time.perf_counter() - started, settings, commit,
     )
     metrics = reporting.build_metrics(loaded, stage_results, prov)
@@ -196,22 +197,18 @@ def run(recipe, preset, data_dir, workdir, results, pipeline, overrides):
 @main.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder with cifar10/ and imagenette/ image folders [default: $KERASROT_DATA_DIR].")
-@click.option("--dataset", type=click.Choice(["cifar10", "imagenette"]), default=None,
-              help="Test set [default: the one the checkpoint was trained on].")
+              help="Folder with cifar10/ and imagenette/ image folders [default: $KERASROT_DATA_DIR, "
+                   "else download with tfds].")
+@click.option("--dataset", default=None, help="Test set, cifar10 or imagenette [default: the one it was trained on].")
 @click.option("--test-images-per-class", default=None,
               help="Test images per class, or 'all' [default: as recorded beside the checkpoint, else all].")
-@click.option("--pipeline", type=click.Choice(["tfdata", "memory"]), default=None)
 @_friendly_errors
-def evaluate(checkpoint, data_dir, dataset, test_images_per_class, pipeline):
+def evaluate(checkpoint, data_dir, dataset, test_images_per_class):
     """Accuracy of a saved .keras model on the test set of its task."""
     _import_tensorflow_quietly()
-    from kerasrot import evaluation
+    from kerasrot.runner.evaluate import evaluate_checkpoint
 
-    report = evaluation.evaluate_checkpoint(
-        checkpoint, data_dir or _default_data_dir(), dataset, test_images_per_class, pipeline
-    )
-    click.echo(report)
+    click.echo(evaluate_checkpoint(checkpoint, _data_dir(data_dir), dataset, test_images_per_class))
 
 
 @main.command()
@@ -223,7 +220,7 @@ def evaluate(checkpoint, data_dir, dataset, test_images_per_class, pipeline):
 @_friendly_errors
 def report(recipe, preset, results, backend_name):
     """Redraw table.md, history.csv and plots from results/RECIPE/PRESET/metrics.json."""
-    from kerasrot import reporting
+    from kerasrot.runner import reporting
 
     directory = reporting.results_dir(results, recipe, preset, backend_name or os.environ["KERAS_BACKEND"])
     if not (directory / "metrics.json").exists():
@@ -232,10 +229,12 @@ def report(recipe, preset, results, backend_name):
     click.echo(reporting.markdown_table(metrics))
 
 
-def _default_data_dir():
-    from kerasrot import data
-
-    return data.default_data_dir()
+def _data_dir(option):
+    """--data-dir, else $KERASROT_DATA_DIR, else None (tfds downloads)."""
+    data_dir = option or os.environ.get("KERASROT_DATA_DIR") or None
+    if data_dir and not Path(data_dir).is_dir():
+        raise Failure(f"error: --data-dir {data_dir} does not exist (see README, 'Data')")
+    return data_dir
 
 
 def _check_writable(directory):

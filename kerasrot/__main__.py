@@ -1,0 +1,5 @@
+"""`python -m kerasrot` is the `kerasrot` command."""
+
+from kerasrot.runner.cli import main
+
+main()

@@ -1,0 +1,106 @@
+"""Speed: the backend- and device-specific choices that make training fast.
+
+They change how a stage computes, never what (tests/test_speedups.py), and
+each is a setting whose "auto" this module turns into a choice:
+
+* `data_format`: the PyTorch backend convolves NCHW; with Keras' default
+  NHWC (`channels_last`) every convolution transposes and copies its input
+  and kernel (about 15% of a CPU training step). With `channels_first` the
+  network works in NCHW from its first layer. JAX and TensorFlow prefer
+  NHWC, and TensorFlow's CPU kernels support nothing else.
+* `precision`: `mixed_bfloat16` computes in bfloat16 with float32 weights.
+  It pays where the hardware does bfloat16 natively (recent NVIDIA GPUs,
+  CPUs with AVX512-BF16 or AMX under PyTorch), and costs elsewhere.
+* `fused_batchnorm`: Keras builds BatchNormalization from elementwise ops,
+  each a pass over the activations forward and again backward. On the
+  PyTorch backend that is about 40% of a CPU training step;
+  `FusedBatchNormalization` calls PyTorch's fused kernel instead, with
+  Keras' semantics. Elsewhere XLA fuses those ops itself.
+* `jit_compile`: on for JAX, which runs op by op uncompiled.
+
+TensorFlow's oneDNN kernels are a sixth choice, made in
+`kerasrot/__init__.py` because TensorFlow reads it when it is imported.
+Models are built in the chosen layout by passing `data_format` and `dtype`
+to the builders; the model saved for users is always NHWC float32 with
+stock layers (`kerasrot.runner.stages`), so it loads everywhere.
+"""
+
+import keras
+
+from kerasrot.runner import device
+
+DATA_FORMATS = ("auto", "channels_last", "channels_first")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+ON_OFF = ("auto", "on", "off")
+JIT_COMPILE = ON_OFF
+
+
+def resolve(settings):
+    """Turns the "auto" speed settings into concrete choices for this backend and device (in place)."""
+    backend = keras.backend.backend()
+    if settings["data_format"] == "auto":
+        settings["data_format"] = "channels_first" if backend == "torch" else "channels_last"
+    if settings["precision"] == "auto":
+        native = device.has_gpu() or (backend == "torch" and device.cpu_has_native_bfloat16())
+        settings["precision"] = "mixed_bfloat16" if native else "float32"
+    if settings["fused_batchnorm"] == "auto" or backend != "torch":
+        settings["fused_batchnorm"] = "on" if backend == "torch" else "off"
+    if settings["jit_compile"] == "auto":
+        # JAX must compile (XLA): uncompiled, Keras runs it op by op, about ten
+        # times slower. PyTorch runs eagerly: torch.compile took two minutes
+        # per model here and then ran slower than eager on the CPU.
+        # TensorFlow runs a graph (tf.function) either way; XLA is opt-in.
+        settings["jit_compile"] = "on" if backend == "jax" else "off"
+    return settings
+
+
+@keras.saving.register_keras_serializable(package="kerasrot")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """Keras' BatchNormalization, trained with PyTorch's fused kernel on the torch backend.
+
+    Same weights, same config and the same results as the parent class:
+    in training it normalises with the batch statistics and updates the
+    moving ones with Keras' momentum and the biased batch variance, as the
+    parent does; it only replaces a dozen elementwise passes by
+    `torch.native_batch_norm` (one pass forward, one backward). Inference,
+    frozen layers and every other backend use the parent class unchanged.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        axis = self.axis if self.axis >= 0 else len(inputs.shape) + self.axis
+        if keras.backend.backend() != "torch" or not (training and self.trainable) or mask is not None \
+                or self.renorm or len(inputs.shape) != 4 or axis not in (1, 3):
+            return super().call(inputs, training=training, mask=mask)
+        import torch
+
+        x = inputs.float()  # as the parent: statistics in float32 under mixed precision
+        if axis == 3:
+            x = x.permute(0, 3, 1, 2)  # a view: PyTorch reads it as channels_last memory
+        gamma = self.gamma.value if self.scale else None
+        beta = self.beta.value if self.center else None
+        y, batch_mean, inverse_std = torch.native_batch_norm(x, gamma, beta, None, None, True, 0.0, self.epsilon)
+        with torch.no_grad():
+            batch_variance = inverse_std.pow(-2) - self.epsilon
+            self.moving_mean.assign(self.moving_mean * self.momentum + batch_mean * (1.0 - self.momentum))
+            self.moving_variance.assign(
+                self.moving_variance * self.momentum + batch_variance * (1.0 - self.momentum)
+            )
+        if axis == 3:
+            y = y.permute(0, 2, 3, 1)
+        return keras.ops.cast(y, self.compute_dtype)
+
+
+def with_fused_batchnorm(model):
+    """A copy of `model` whose BatchNormalization layers are `FusedBatchNormalization`.
+
+    `keras.models.clone_model` rebuilds the functional graph layer by layer;
+    the copy gets the original's weights.
+    """
+
+    def clone(layer):
+        cls = FusedBatchNormalization if type(layer) is keras.layers.BatchNormalization else type(layer)
+        return cls.from_config(layer.get_config())
+
+    fused = keras.models.clone_model(model, clone_function=clone)
+    fused.set_weights(model.get_weights())
+    return fused

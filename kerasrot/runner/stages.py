@@ -1,0 +1,161 @@
+"""Stages: carries out a recipe's stages in order, reusing finished ones.
+
+A stage is one call of `kerasrot.training.train`: its data, its model (with
+the weights of the stage it starts from), its settings. Each lives in
+`WORKDIR/stages/<task>-<key>/`:
+
+    checkpoints/     Keras' BackupAndRestore files and history.csv while it trains
+    model.keras      the trained model, portable (NHWC, float32, stock layers)
+    result.json      its accuracy, history and settings: "this stage is done"
+
+`result.json` is written last, so a stage is either done or resumable.
+The key is a hash of the stage's settings (`kerasrot.runner.config.key_stages`):
+another recipe with the same rotation stage finds it done and reuses it.
+"""
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import keras
+
+from kerasrot import data, models, training
+from kerasrot.pipeline import Batches
+from kerasrot.rotations import NUM_ROTATIONS
+from kerasrot.runner import files, speed
+from kerasrot.runner.config import key_stages
+from kerasrot.runner.progress import Progress, RunTracker
+
+
+class StageError(Exception):
+    """A stage could not finish (its loss diverged); the message says which and what is kept."""
+
+
+@dataclasses.dataclass
+class RunOptions:
+    data_dir: str | None
+    workdir: Path
+    pipeline: str | None = None  # None: the recipe's setting
+    log: callable = print
+
+
+def stage_dir(workdir, stage):
+    return Path(workdir) / "stages" / f"{stage.task}-{stage.key}"
+
+
+def resolve_stages(recipe, options):
+    """Fills in "auto" settings for this machine and keys the stages with the data source."""
+    for stage in recipe.stages:
+        speed.resolve(stage.settings)
+        if options.pipeline:
+            stage.settings["pipeline"] = options.pipeline
+        if stage.settings["verbose"] == 1 and not sys.stdout.isatty():
+            stage.settings["verbose"] = 2  # a progress bar in a log file is one line per step
+    data_source = str(Path(options.data_dir).resolve()) if options.data_dir else "tfds"
+    key_stages(recipe.stages, context={"data": data_source, "backend": keras.backend.backend()})
+
+
+def load_data(settings, data_dir):
+    """Train and test `Split`s of the stage's dataset, subset as its settings say."""
+    splits = []
+    for split, per_class in (("train", settings["images_per_class"]), ("test", settings["test_images_per_class"])):
+        whole = data.load_split(settings["dataset"], split, settings["image_size"], data_dir)
+        splits.append(whole.subset(data.balanced_subset(whole.labels, per_class, settings["seed"])))
+    return splits
+
+
+def make_batches(stage, train, test):
+    s = stage.settings
+    common = dict(batch_size=s["batch_size"], rotations=stage.task == "rotation", seed=s["seed"])
+    train_batches = Batches(train.images, train.labels, augment=s["augment"], shuffle=True,
+                            epoch_length=s["samples_per_epoch"], **common)
+    return train_batches, Batches(test.images, test.labels, **common)
+
+
+def build_model(settings, num_classes, name, fast=True):
+    """The stage's network: in its fast layout (`speed`), or Keras' defaults for the saved copy."""
+    s = settings
+    if not fast:
+        return models.build_model(s["model"], num_classes, s["stem"], s["image_size"], name=name)
+    model = models.build_model(s["model"], num_classes, s["stem"], s["image_size"],
+                               data_format=s["data_format"], dtype=s["precision"], name=name)
+    return speed.with_fused_batchnorm(model) if s["fused_batchnorm"] == "on" else model
+
+
+def initial_model(stage, workdir, num_classes):
+    """The stage's model with its init weights and trainable blocks."""
+    s = stage.settings
+    keras.utils.set_random_seed(s["seed"])
+    model = build_model(s, num_classes, name=f"{s['model']}_{stage.task}_{s['dataset']}")
+    if stage.task == "classify" and s["init"] != "random":
+        source = keras.saving.load_model(stage_dir(workdir, stage.init_stage) / "model.keras")
+        models.transfer_weights(source, model, skip_blocks=("head",))
+    return models.set_trainable(model, s["trainable"] if stage.task == "classify" else "all")
+
+
+def run_stage(stage, options, callbacks=()):
+    """Trains one stage (or resumes it) and returns its result dict."""
+    s = stage.settings
+    directory = stage_dir(options.workdir, stage)
+    train, test = load_data(s, options.data_dir)
+    num_classes = NUM_ROTATIONS if stage.task == "rotation" else len(train.class_names)
+    train_batches, test_batches = make_batches(stage, train, test)
+    model = initial_model(stage, options.workdir, num_classes)
+    start = time.perf_counter()
+    try:
+        history = training.train(model, train_batches, test_batches, s, directory / "checkpoints",
+                                 callbacks=callbacks, log=options.log)
+    except training.Diverged as error:
+        kept = f"the checkpoint of epoch {error.epoch - 1} stays in {directory / 'checkpoints'}" if error.epoch > 1 \
+            else "no epoch finished"
+        raise StageError(
+            f"stage {stage.name} diverged: {error}; {kept}, no result written. "
+            f"Try a lower {stage.task}.learning_rate"
+        ) from None
+    portable = build_model(s, num_classes, name=model.name, fast=False)
+    models.transfer_weights(model, portable, skip_blocks=())
+    test_accuracy = training.accuracy(portable, test_batches)
+    files.save_model(portable, directory / "model.keras")
+    result = {
+        "name": stage.name,
+        "task": stage.task,
+        "key": stage.key,
+        "accuracy": round(test_accuracy, 2),
+        "test_samples": test_batches.num_samples,
+        "train_images": len(train),
+        "settings": s,
+        "history": history,
+        "train_seconds": round(sum(e["seconds"] for e in history), 1),
+        "wall_seconds_this_run": round(time.perf_counter() - start, 1),
+        "data_source": train.source,
+        "backend": keras.backend.backend(),
+        "checkpoint": str(directory / "model.keras"),
+    }
+    files.write_json(directory / "result.json", result)
+    files.remove_tree(directory / "checkpoints")
+    return result
+
+
+def run_recipe(recipe, options):
+    """Runs every stage of `recipe` (those already done are read back) -> stage results."""
+    resolve_stages(recipe, options)
+    tracker = RunTracker(recipe.stages, options.log)
+    results = {}
+    total = len(recipe.stages)
+    with files.workdir_lock(options.workdir):
+        for index, stage in enumerate(recipe.stages, start=1):
+            done = stage_dir(options.workdir, stage) / "result.json"
+            if done.exists():
+                files.remove_tree(done.parent / "checkpoints")  # killed while tidying up
+                results[stage.name] = {**files.read_json(done), "name": stage.name, "cached": True}
+                tracker.skip(stage)
+                options.log(f"[stage {index}/{total}] {stage.name}: done before, "
+                            f"reusing {done.parent} ({results[stage.name]['accuracy']:.2f}%)")
+                continue
+            tracker.start_stage(stage, index, total)
+            result = run_stage(stage, options, callbacks=[Progress(tracker)])
+            results[stage.name] = {**result, "cached": False}
+            tracker.skip(stage)
+            options.log(f"[stage {index}/{total}] {stage.name}: test accuracy {result['accuracy']:.2f}%")
+    return results
