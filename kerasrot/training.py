@@ -142,12 +142,14 @@ class EpochRecord(keras.callbacks.Callback):
     def __init__(self, epochs, log):
         super().__init__()
         self.epochs, self.log = epochs, log
-        self.first_epoch = None
+
+    def on_train_begin(self, logs=None):
+        self.first_epoch = True
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self.first_epoch is None and epoch > 0:
+        if self.first_epoch and epoch > 0:  # BackupAndRestore moved the start
             self.log(f"resuming from the checkpoint of epoch {epoch}/{self.epochs}")
-        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
+        self.first_epoch = False
         self.start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
