@@ -121,7 +121,8 @@ figure.savefig("rotations.png")
 ## Training a model
 
 One function trains any of the three models: SGD with Nesterov momentum,
-one warm-up epoch to a peak learning rate, then cosine decay to zero.
+a linear warm-up of an epoch or two to the peak learning rate, then cosine
+decay to zero.
 `kerasrot.EpochSetter` tells the batches which epoch starts, so that each
 epoch has its own order and augmentation, reproducible from the seed.
 """
@@ -200,16 +201,19 @@ print(f"({keras.backend.backend()} backend, {(time.perf_counter() - started) / 6
 figure, axis = plt.subplots(figsize=(6, 4))
 for init, curve in curves.items():
     axis.plot(range(1, len(curve) + 1), curve, marker="o", label=f"from {init}")
-axis.set(xlabel="epoch", ylabel="CIFAR-10 test accuracy (%)", title="Final block + head: rotation vs random")
+axis.set(xlabel="epoch", ylabel="CIFAR-10 test accuracy (%)", title="Final block + head: rotation vs random",
+         xticks=range(1, CLASSIFY_EPOCHS + 1))
 axis.legend()
 figure.savefig("rotnet_table2.png")
 
 """
 ## What to expect
 
-At the default sizes the rotation model reaches about 70% and the final
-block trained from its weights beats the one trained from random weights by
-around ten points (results/table2/quick/ in the repository). The reports
+At the default sizes, on 2 CPU cores (an AMD EPYC with AVX512-BF16, torch
+backend, 20 minutes), the rotation model reached 73.5%, and the final block
+trained from its weights 54.7% against 43.3% from random weights: the
+frozen rotation features are worth eleven points. `kerasrot run table2
+--preset quick` gives the same picture (results/table2/quick/). The reports
 this reproduces, with 45 rotation epochs and all 50,000 images, found 62%
 against 45%; `kerasrot run table2 --preset paper` runs that budget.
 """
