@@ -44,7 +44,7 @@ def results_of(root):
 def test_list_names_every_recipe():
     result = invoke("list")
     assert result.exit_code == 0
-    for name in ("table1", "table2", "table3", "table4", "figure1", "imagenette"):
+    for name in ("table1", "table2", "table3", "table4", "figure1", "imagenette", "probes"):
         assert name in result.output
 
 

@@ -11,8 +11,8 @@ def test_every_recipe_loads_under_every_preset(name, preset):
     assert all(stage.key for stage in recipe.stages)
 
 
-def test_all_six_recipes_exist():
-    assert config.available() == ["figure1", "imagenette", "table1", "table2", "table3", "table4"]
+def test_every_recipe_is_shipped_in_the_package():
+    assert config.available() == ["figure1", "imagenette", "probes", "table1", "table2", "table3", "table4"]
 
 
 def test_overrides_change_settings_of_their_task_only():
@@ -35,14 +35,15 @@ def test_overrides_change_settings_of_their_task_only():
         ("rotation.step_epochs=10,-5", "step_epochs must be at least 1"),
         ("rotation.momentum=1.5", "must be below 1"),
         ("rotation.trainable=all", "trainable is a setting of classify stages only"),
-        ("rotation.init=random", "init is a setting of classify stages only"),
+        ("rotation.init=random", "init is a setting of classify and probe stages only"),
+        ("probe.augment=true", "augment is a setting of rotation and classify stages only"),
         ("figure1.labels_per_class=20,abc", "expected positive integers"),
         ("figure1.labels_per_class=20,-5", "expected positive integers"),
         ("figure1.labels_per_class=", "expected positive integers"),
         ("classify.pipeline=fast", "must be one of memory, tfdata"),
         ("rotation.nesterov=maybe", "expected bool"),
         ("rotation.optimiser=sgd", "unknown setting 'optimiser'"),
-        ("epochs=3", "rotation.KEY or classify.KEY"),
+        ("epochs=3", "the key must be TASK.KEY with TASK one of rotation, classify, probe"),
         ("rotation.optimizer=rmsprop", "must be one of"),
         ("rotation.epochs", "expected TASK.KEY=VALUE"),
     ],
@@ -176,6 +177,20 @@ def test_rotation_stages_carry_no_classify_settings_and_every_stage_has_every_ot
             for stage in config.load(name, preset).stages:
                 expected = [k for k, s in config.SETTINGS.items() if stage.task in s.tasks]
                 assert list(stage.settings) == expected, (name, preset, stage.name)
+
+
+def test_probes_recipe_has_one_stage_per_block_probe_and_init_starting_from_its_model():
+    recipe = config.load("probes", "quick")
+    probe_stages = [s for s in recipe.stages if s.task == "probe"]
+    assert len(probe_stages) == 30
+    starts = {s.name.rsplit(".", 1)[1]: s.init_stage.name if s.init_stage else None for s in probe_stages}
+    assert starts == {"rotation_init": "rotation", "random_init": None, "supervised": "full.random_init"}
+    table3 = {s.name: s.key for s in config.load("table3", "quick").stages}
+    assert {s.name: s.key for s in recipe.stages[:2]} == {k: table3[k] for k in ("rotation", "full.random_init")}
+    stage = probe_stages[3]
+    assert (stage.name, stage.settings["block"], stage.settings["probe"]) == (
+        "probes.layer1.nonlinear.rotation_init", "layer1", "nonlinear")
+    assert "augment" not in stage.settings and "trainable" not in stage.settings
 
 
 def test_figure1_sweep_is_refused_for_other_recipes():

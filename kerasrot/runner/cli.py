@@ -123,7 +123,9 @@ def list_recipes():
     for name in config.available():
         recipe = config.load(name, "quick")
         click.echo(f"{name:11s} {recipe.title}")
-        click.echo(f"{'':11s} stages: {', '.join(s.name for s in recipe.stages)}")
+        names = [s.name for s in recipe.stages]
+        shown = names if len(names) <= 6 else [*names[:5], f"... ({len(names)} stages)"]
+        click.echo(f"{'':11s} stages: {', '.join(shown)}")
 
 
 @main.command()
@@ -191,7 +193,7 @@ def run(recipe, preset, data_dir, workdir, results, overrides):
     metrics = reporting.build_metrics(loaded, stage_results, prov)
     reporting.write_report(metrics, out)
     click.echo(f"\n{reporting.markdown_table(metrics)}")
-    click.echo(f"results written to {out}/ (metrics.json, table.md, history.csv, curves.png)")
+    click.echo(f"results written to {out}/ ({', '.join(sorted(f.name for f in out.iterdir()))})")
 
 
 @main.command()

@@ -35,12 +35,14 @@ import tomllib
 from kerasrot.data import DATASETS
 from kerasrot.models import ARCHITECTURES, STEMS, TRAINABLE_CHOICES
 from kerasrot.pipeline import PIPELINES
+from kerasrot.probes import PROBED_BLOCKS, PROBES
 from kerasrot.runner.speed import DATA_FORMATS, JIT_COMPILE, ON_OFF, PRECISIONS
 from kerasrot.training import OPTIMIZERS, SCHEDULES
 
-TASKS = ("rotation", "classify")
+TASKS = ("rotation", "classify", "probe")
+IMAGE_TASKS = ("rotation", "classify")  # those that train on images (a probe trains on cached features)
 PRESETS = ("quick", "paper")
-SWEEP = ("figure1", "labels_per_class")  # figure1: one pair of classify stages per value
+SWEEP = ("figure1", "labels_per_class")  # the list a figure1 stage repeats over (per preset, or --set)
 
 
 class RecipeError(Exception):
@@ -70,9 +72,13 @@ SETTINGS = {
     "image_size": _count("input height and width; images are resized to it", minimum=32),
     "images_per_class": _count("training images per class, fixed seed (\"all\": every image)", optional=True),
     "test_images_per_class": _count("test images per class (\"all\": the whole test set)", optional=True),
-    "samples_per_epoch": _count("images per epoch, repeating a small subset (\"all\": one pass)", optional=True),
-    "init": Setting(str, "\"random\" or the name of an earlier rotation stage", tasks=("classify",)),
+    "samples_per_epoch": Setting(int, "images per epoch, repeating a small subset (\"all\": one pass)", minimum=1,
+                                 optional=True, tasks=IMAGE_TASKS),
+    "init": Setting(str, "\"random\" or the name of an earlier stage whose weights it starts from",
+                    tasks=("classify", "probe")),
     "trainable": Setting(str, "blocks that train", tuple(TRAINABLE_CHOICES), tasks=("classify",)),
+    "block": Setting(str, "the block whose frozen features are probed", PROBED_BLOCKS, tasks=("probe",)),
+    "probe": Setting(str, "classifier on them (kerasrot.probes)", PROBES, tasks=("probe",)),
     # how
     "epochs": _count("training epochs"),
     "batch_size": _count("images per batch (rotation: before the 4 copies)"),
@@ -86,12 +92,13 @@ SETTINGS = {
     "step_epochs": Setting(list, "step: epochs at which the rate is multiplied by step_gamma", minimum=1),
     "step_gamma": Setting(float, "step: factor at each step", minimum=1e-12),
     "label_smoothing": Setting(float, "label smoothing of the cross-entropy", minimum=0, below=1),
-    "augment": Setting(bool, "pad-4-crop and horizontal flip"),
+    "augment": Setting(bool, "pad-4-crop and horizontal flip", tasks=IMAGE_TASKS),
     "seed": _count("seeds weights, subsets, order and augmentation", minimum=0),
     # speed: how, not what (results agree within tolerance; see kerasrot.runner.speed)
-    "data_format": Setting(str, "layout inside the network", DATA_FORMATS),
-    "precision": Setting(str, "compute precision", PRECISIONS),
-    "fused_batchnorm": Setting(str, "BatchNorm with PyTorch's fused kernel (torch backend only)", ON_OFF),
+    "data_format": Setting(str, "layout inside the network", DATA_FORMATS, tasks=IMAGE_TASKS),
+    "precision": Setting(str, "compute precision", PRECISIONS, tasks=IMAGE_TASKS),
+    "fused_batchnorm": Setting(str, "BatchNorm with PyTorch's fused kernel (torch backend only)", ON_OFF,
+                               tasks=IMAGE_TASKS),
     "jit_compile": Setting(str, "compile the train step (XLA / torch.compile); auto: JAX only", JIT_COMPILE),
     "pipeline": Setting(str, "input pipeline: both make the same batches (kerasrot.pipeline)", PIPELINES),
     "verbose": Setting(int, "Keras progress: 0 silent, 1 bar, 2 a line per epoch", (0, 1, 2)),
@@ -211,7 +218,7 @@ def parse_overrides(pairs):
             continue
         if group not in TASKS or not key:
             raise RecipeError(
-                f"{where}: the key must be rotation.KEY or classify.KEY "
+                f"{where}: the key must be TASK.KEY with TASK one of {', '.join(TASKS)} "
                 f"(or {'.'.join(SWEEP)} for figure1), e.g. rotation.epochs=3"
             )
         if key not in SETTINGS:
@@ -238,7 +245,9 @@ def task_settings(presets, preset, task):
     settings = {}
     for layer in layers:
         settings.update({k: v for k, v in layer.items() if not isinstance(v, dict)})
-    return settings
+    # [defaults] and [<preset>] hold the settings of every task that has them
+    # (a probe, say, has no `augment`); a recipe or --set naming one is refused.
+    return {k: v for k, v in settings.items() if k not in SETTINGS or task in SETTINGS[k].tasks}
 
 
 def load(name, preset="quick", overrides=None):
@@ -264,17 +273,14 @@ def load(name, preset="quick", overrides=None):
         stage_name, task = entry.pop("name"), entry.pop("task")
         if task not in TASKS:
             raise RecipeError(f"recipes/{name}.toml: stage {stage_name!r} has unknown task {task!r}")
-        repeat = entry.pop("repeat_for", None)
+        repeat = entry.pop("repeat_for", {})
         per_preset = {p: entry.pop(p, {}) for p in PRESETS}
         settings = {
             **task_settings(presets, preset, task), **changes.get(task, {}), **entry, **per_preset[preset],
             **overrides.get(task, {}),
         }
-        for value in sweep if repeat == SWEEP[1] else [None]:
-            stage_settings = dict(settings)
-            if value is not None:
-                stage_settings["images_per_class"] = value
-            stages.append(Stage(stage_name.format(n=value), task, stage_settings))
+        for values in _repeats(repeat, sweep, f"recipes/{name}.toml, stage {stage_name!r}"):
+            stages.append(Stage(stage_name.format(**values), task, {**settings, **values}))
 
     for stage in stages:
         stage.settings = {k: stage.settings[k] for k in sorted(stage.settings, key=_setting_order)}
@@ -295,6 +301,22 @@ def load(name, preset="quick", overrides=None):
     )
 
 
+def _repeats(repeat, sweep, where):
+    """`repeat_for = {setting = [values], ...}` -> one dict of values per stage (every combination).
+
+    A list may be the name `"labels_per_class"`: the recipe's sweep, set per
+    preset (`[presets.<preset>.figure1]`) or by `--set figure1.labels_per_class`.
+    """
+    combinations = [{}]
+    for key, values in repeat.items():
+        if values == SWEEP[1]:
+            values = sweep
+        if key not in SETTINGS or not isinstance(values, list) or not values:
+            raise RecipeError(f"{where}: repeat_for needs settings with lists of values, got {key} = {values!r}")
+        combinations = [{**done, key: value} for done in combinations for value in values]
+    return combinations
+
+
 def _setting_order(key):
     return list(SETTINGS).index(key) if key in SETTINGS else len(SETTINGS)
 
@@ -309,7 +331,7 @@ def key_stages(stages, context=None, where="recipe"):
     for stage in stages:
         identity = {k: v for k, v in stage.settings.items() if k not in NOT_IN_KEY}
         identity.update(context or {}, task=stage.task)
-        if stage.task == "classify" and stage.settings["init"] != "random":
+        if stage.settings.get("init", "random") != "random":
             init = stage.settings["init"]
             if init not in keys:
                 raise RecipeError(f"{where}: stage {stage.name!r} starts from {init!r}, no earlier stage")

@@ -8,7 +8,10 @@ import keras
 def planned_samples(stage):
     """Training samples a stage will process: its share of the time-left estimate."""
     s = stage.settings
-    per_epoch = s["samples_per_epoch"] or (s["images_per_class"] or 5000) * 10
+    images = (s["images_per_class"] or 5000) * 10
+    if stage.task == "probe":  # one pass for features (shared by the probes of one model), then tiny heads
+        return images * (1 + 0.01 * s["epochs"]) / 10
+    per_epoch = s["samples_per_epoch"] or images
     if stage.task == "rotation":
         per_epoch *= 4
     frozen_backbone = stage.task == "classify" and s["trainable"] != "all"

@@ -61,10 +61,8 @@ def provenance(command, backend_name, device, data_source, wall_seconds, setting
         "commit": commit,
         "packages": package_versions(),
         "wall_seconds": round(wall_seconds, 1),
-        "pipeline": sorted({s["pipeline"] for s in settings}),
-        "precision": sorted({s["precision"] for s in settings}),
-        "data_format": sorted({s["data_format"] for s in settings}),
-        "fused_batchnorm": sorted({s["fused_batchnorm"] for s in settings}),
+        **{key: sorted({s[key] for s in settings if key in s})  # probe stages have none of them
+           for key in ("pipeline", "precision", "data_format", "fused_batchnorm")},
         "platform": f"{platform.system()} {platform.machine()}, {sys.implementation.name}",
     }
 
@@ -87,18 +85,20 @@ def build_metrics(recipe, results, prov):
 
 def markdown_table(metrics):
     """Our accuracy beside the references (reports A and B, or the paper's figure)."""
-    columns = sorted({col for ref in metrics["reference"].values() for col in ref})
+    networks = [name for name, stage in metrics["stages"].items() if stage["task"] != "probe"]
+    columns = sorted({col for name in networks for col in metrics["reference"].get(name, {})})
     header = ["quantity", "ours", *[_column_title(c) for c in columns], "train images", "epochs"]
     lines = [
         f"# {metrics['recipe']} ({metrics['preset']}): {metrics['title']}",
         "",
         metrics["reproduces"],
         "",
+        *probe_table(metrics),
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    for name, ours in metrics["accuracy"].items():
-        stage = metrics["stages"][name]
+    for name in networks:
+        ours, stage = metrics["accuracy"][name], metrics["stages"][name]
         ref = metrics["reference"].get(name, {})
         cells = [name, f"{ours:.2f}", *[_fmt(ref.get(c)) for c in columns]]
         cells += [str(stage.get("train_images", "")), str(stage["settings"]["epochs"])]
@@ -129,7 +129,34 @@ def markdown_table(metrics):
 
 
 def _column_title(column):
-    return {"A": "report A", "B": "report B", "paper": "paper (Fig. 5b, NIN)"}.get(column, column)
+    titles = {"A": "report A", "B": "report B", "paper": "paper (Fig. 5b, NIN)", "nin": "paper (Table 1, NIN)"}
+    return titles.get(column, column)
+
+
+def probes_by_block(metrics):
+    """`{block: {(probe, init): accuracy}}` of the probe stages, blocks in the order they were probed."""
+    table = {}
+    for name, stage in metrics["stages"].items():
+        if stage["task"] == "probe":
+            init = name.rsplit(".", 1)[1]  # probes.<block>.<probe>.<init>
+            table.setdefault(stage["settings"]["block"], {})[stage["settings"]["probe"], init] = stage["accuracy"]
+    return table
+
+
+def probe_table(metrics):
+    """Blocks as rows, one column per probe and init, the paper's per-block numbers beside: lines of Markdown."""
+    table = probes_by_block(metrics)
+    if not table:
+        return []
+    inits = list(dict.fromkeys(init for row in table.values() for _, init in row))
+    columns = sorted({key for row in table.values() for key in row}, key=lambda c: (c[0], inits.index(c[1])))
+    header = ["block", *[f"{probe}, {init.replace('_', ' ')}" for probe, init in columns], _column_title("nin")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for block, row in table.items():
+        paper = metrics["reference"].get(f"probes.{block}.nonlinear.rotation_init", {}).get("nin")
+        lines.append("| " + " | ".join([block, *[_fmt(row.get(c)) for c in columns], _fmt(paper)]) + " |")
+    return ["Probes: test accuracy of a classifier on each block's frozen features.", "", *lines, "",
+            "The networks they probe:", ""]
 
 
 def _fmt(value):
@@ -205,6 +232,35 @@ def plot_figure1(metrics, path):
     _save_figure(fig, path)
 
 
+def plot_probes(metrics, path):
+    """Probe accuracy against depth: one line per init and classifier, the paper's NIN beside."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = probes_by_block(metrics)
+    blocks = list(table)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"rotation_init": "C0", "random_init": "C1", "supervised": "C2"}
+    for probe, init in dict.fromkeys(key for row in table.values() for key in row):
+        points = [(i, table[b][probe, init]) for i, b in enumerate(blocks) if (probe, init) in table[b]]
+        ax.plot(*zip(*points), "o-" if probe == "nonlinear" else "s--", color=styles.get(init),
+                label=f"{probe}, {init.replace('_', ' ')}")
+    paper = [(i, metrics["reference"][f"probes.{b}.nonlinear.rotation_init"]["nin"]) for i, b in enumerate(blocks)
+             if f"probes.{b}.nonlinear.rotation_init" in metrics["reference"]]
+    if paper:
+        ax.plot(*zip(*paper), "o:", color="gray", alpha=0.6, label="paper: NIN blocks 1-4, non-linear, rotation")
+    ax.set_xticks(range(len(blocks)), blocks)
+    ax.set_xlabel("block whose frozen features are probed")
+    ax.set_ylabel("CIFAR-10 test accuracy (%)")
+    ax.set_title(f"probes ({metrics['preset']}): where the useful features are")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
 def _save_figure(fig, path):
     import matplotlib.pyplot as plt
 
@@ -229,5 +285,7 @@ def render(directory):
     plot_curves(metrics, directory / "curves.png")
     if metrics["recipe"] == "figure1":
         plot_figure1(metrics, directory / "figure1.png")
+    if probes_by_block(metrics):
+        plot_probes(metrics, directory / "probes.png")
     return metrics
 

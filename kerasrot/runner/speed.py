@@ -36,14 +36,17 @@ JIT_COMPILE = ON_OFF
 
 
 def resolve(settings):
-    """Turns the "auto" speed settings into concrete choices for this backend and device (in place)."""
+    """Turns the "auto" speed settings into concrete choices for this backend and device (in place).
+
+    Probe stages have only `jit_compile`: they train small heads on cached features.
+    """
     backend = keras.backend.backend()
-    if settings["data_format"] == "auto":
+    if settings.get("data_format") == "auto":
         settings["data_format"] = "channels_first" if backend == "torch" else "channels_last"
-    if settings["precision"] == "auto":
+    if settings.get("precision") == "auto":
         native = device.has_gpu() or (backend == "torch" and device.cpu_has_native_bfloat16())
         settings["precision"] = "mixed_bfloat16" if native else "float32"
-    if settings["fused_batchnorm"] == "auto" or backend != "torch":
+    if "fused_batchnorm" in settings and (settings["fused_batchnorm"] == "auto" or backend != "torch"):
         settings["fused_batchnorm"] = "on" if backend == "torch" else "off"
     if settings["jit_compile"] == "auto":
         # JAX must compile (XLA): uncompiled, Keras runs it op by op, about ten

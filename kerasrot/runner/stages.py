@@ -1,7 +1,9 @@
 """Stages: carries out a recipe's stages in order, reusing finished ones.
 
 A stage is one call of `kerasrot.training.train`: its data, its model (with
-the weights of the stage it starts from), its settings. Each lives in
+the weights of the stage it starts from), its settings. A probe stage trains
+a small classifier on one block's frozen features (`kerasrot.probes`). Each
+lives in
 `WORKDIR/stages/<task>-<key>/`:
 
     checkpoints/     Keras' BackupAndRestore files and history.csv while it trains
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import keras
 
-from kerasrot import data, models, training
+from kerasrot import data, models, probes, training
 from kerasrot.pipeline import Batches
 from kerasrot.rotations import NUM_ROTATIONS
 from kerasrot.runner import files, speed
@@ -36,7 +38,6 @@ class StageError(Exception):
 class RunOptions:
     data_dir: str | None
     workdir: Path
-    pipeline: str | None = None  # None: the recipe's setting
     log: callable = print
 
 
@@ -48,8 +49,6 @@ def resolve_stages(recipe, options):
     """Fills in "auto" settings for this machine and keys the stages with the data source."""
     for stage in recipe.stages:
         speed.resolve(stage.settings)
-        if options.pipeline:
-            stage.settings["pipeline"] = options.pipeline
         if stage.settings["verbose"] == 1 and not sys.stdout.isatty():
             stage.settings["verbose"] = 2  # a progress bar in a log file is one line per step
     data_source = str(Path(options.data_dir).resolve()) if options.data_dir else "tfds"
@@ -94,14 +93,59 @@ def initial_model(stage, workdir, num_classes):
     return models.set_trainable(model, s["trainable"] if stage.task == "classify" else "all")
 
 
+_features = {}  # the last model's block features: the probes of one model share them
+
+
+def probe_data(stage, options):
+    """Every block's features of the stage's frozen model, for its train and test images (`kerasrot.probes`)."""
+    s = stage.settings
+    source = stage.init_stage.key if stage.init_stage else f"random {s['model']} {s['stem']} seed {s['seed']}"
+    key = (source, s["dataset"], s["image_size"], s["images_per_class"], s["test_images_per_class"], s["seed"],
+           s["batch_size"], options.data_dir)
+    if key not in _features:
+        _features.clear()
+        if stage.init_stage:
+            model = keras.saving.load_model(stage_dir(options.workdir, stage.init_stage) / "model.keras")
+        else:  # random weights: those the rotation model starts from (same seed, same draws)
+            keras.utils.set_random_seed(s["seed"])
+            model = models.build_model(s["model"], NUM_ROTATIONS, s["stem"], s["image_size"])
+        train, test = load_data(s, options.data_dir)
+        extract = [Batches(split.images, split.labels, s["batch_size"]) for split in (train, test)]
+        _features[key] = [probes.block_features(model, batches) for batches in extract], train, test
+    return _features[key]
+
+
+def stage_model_and_data(stage, options):
+    """`(model, train batches, test batches, train split)` of a stage, the model with its init weights."""
+    s = stage.settings
+    if stage.task == "probe":
+        ((train_features, train_labels), (test_features, test_labels)), train, _ = probe_data(stage, options)
+        block = s["block"]
+        keras.utils.set_random_seed(s["seed"])
+        cells, channels = train_features[block].shape[1:]
+        model = probes.probe(s["probe"], cells, channels, len(train.class_names), name=f"{s['probe']}_probe_{block}")
+        train_batches = Batches(train_features[block], train_labels, s["batch_size"], shuffle=True, seed=s["seed"])
+        return model, train_batches, Batches(test_features[block], test_labels, s["batch_size"]), train
+    train, test = load_data(s, options.data_dir)
+    num_classes = NUM_ROTATIONS if stage.task == "rotation" else len(train.class_names)
+    train_batches, test_batches = make_batches(stage, train, test)
+    return initial_model(stage, options.workdir, num_classes), train_batches, test_batches, train
+
+
+def saved_copy(stage, model):
+    """The model saved for users: a network in Keras' default layout (NHWC, float32, stock layers)."""
+    if stage.task == "probe":
+        return model
+    portable = build_model(stage.settings, model.output_shape[-1], name=model.name, fast=False)
+    models.transfer_weights(model, portable, skip_blocks=())
+    return portable
+
+
 def run_stage(stage, options, callbacks=()):
     """Trains one stage (or resumes it) and returns its result dict."""
     s = stage.settings
     directory = stage_dir(options.workdir, stage)
-    train, test = load_data(s, options.data_dir)
-    num_classes = NUM_ROTATIONS if stage.task == "rotation" else len(train.class_names)
-    train_batches, test_batches = make_batches(stage, train, test)
-    model = initial_model(stage, options.workdir, num_classes)
+    model, train_batches, test_batches, train = stage_model_and_data(stage, options)
     start = time.perf_counter()
     try:
         history = training.train(model, train_batches, test_batches, s, directory / "checkpoints",
@@ -113,8 +157,7 @@ def run_stage(stage, options, callbacks=()):
             f"stage {stage.name} diverged: {error}; {kept}, no result written. "
             f"Try a lower {stage.task}.learning_rate"
         ) from None
-    portable = build_model(s, num_classes, name=model.name, fast=False)
-    models.transfer_weights(model, portable, skip_blocks=())
+    portable = saved_copy(stage, model)
     test_accuracy = training.accuracy(portable, test_batches)
     files.save_model(portable, directory / "model.keras")
     result = {
