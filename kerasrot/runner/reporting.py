@@ -241,7 +241,7 @@ def plot_probes(metrics, path):
 
     table = probes_by_block(metrics)
     blocks = list(table)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     styles = {"rotation_init": "C0", "random_init": "C1", "supervised": "C2"}
     for probe, init in dict.fromkeys(key for row in table.values() for key in row):
         points = [(i, table[b][probe, init]) for i, b in enumerate(blocks) if (probe, init) in table[b]]
@@ -256,7 +256,7 @@ def plot_probes(metrics, path):
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
     ax.set_title(f"probes ({metrics['preset']}): where the useful features are")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines, not over them
     fig.tight_layout()
     _save_figure(fig, path)
 
