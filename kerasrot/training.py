@@ -21,6 +21,7 @@ same number in PyTorch's coupled L2 form, and the presets account for that.
 """
 
 import csv
+import math
 import time
 from pathlib import Path
 
@@ -102,11 +103,12 @@ def compile_model(model, settings, steps_per_epoch):
 
 
 class Diverged(Exception):
-    """The training loss became NaN or infinite."""
+    """The training loss (or the test loss after an epoch) became NaN or infinite."""
 
-    def __init__(self, epoch, batch, loss):
-        super().__init__(f"the loss became {loss} in epoch {epoch} (batch {batch + 1})")
-        self.epoch, self.batch, self.loss = epoch, batch, loss
+    def __init__(self, epoch, loss, batch=None, test=False):
+        where = f"in epoch {epoch} (batch {batch + 1})" if batch is not None else f"after epoch {epoch}"
+        super().__init__(f"the {'test ' if test else ''}loss became {loss} {where}")
+        self.epoch, self.loss, self.batch = epoch, loss, batch
 
 
 class StopOnDivergence(keras.callbacks.TerminateOnNaN):
@@ -116,6 +118,11 @@ class StopOnDivergence(keras.callbacks.TerminateOnNaN):
     normally, so the callbacks after it would save the diverged weights as
     a checkpoint and `BackupAndRestore` would then delete its backup.
     An exception stops `fit` before either (tests/test_training.py).
+
+    TerminateOnNaN watches the training loss of each batch, which is
+    computed before that batch's update: weights that the last update of an
+    epoch makes non-finite show only in the test loss, so that is checked
+    at the end of every epoch, before the checkpoint is written.
     """
 
     def __init__(self):
@@ -129,7 +136,12 @@ class StopOnDivergence(keras.callbacks.TerminateOnNaN):
         try:
             super().on_batch_end(batch, logs)
         except RuntimeError:
-            raise Diverged(self.epoch, batch, (logs or {}).get("loss")) from None
+            raise Diverged(self.epoch, (logs or {}).get("loss"), batch=batch) from None
+
+    def on_epoch_end(self, epoch, logs=None):
+        test_loss = (logs or {}).get("val_loss")
+        if test_loss is not None and not math.isfinite(test_loss):
+            raise Diverged(self.epoch, test_loss, test=True)
 
 
 class EpochRecord(keras.callbacks.Callback):

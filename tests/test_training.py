@@ -114,6 +114,29 @@ def test_diverging_loss_stops_naming_the_epoch_and_keeps_the_last_good_checkpoin
     assert [r["epoch"] for r in training.read_history(tmp_path / "history.csv")] == [1, 2]
 
 
+class PoisonAfterLastBatchOf(keras.callbacks.Callback):
+    """Makes a weight NaN after the last update of epoch `epoch`: every training loss of it stays finite."""
+
+    def __init__(self, epoch, batches):
+        super().__init__()
+        self.epoch, self.batches, self.current = epoch, batches, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.current == self.epoch and batch == self.batches - 1:
+            kernel = self.model.get_layer("head_logits").kernel
+            kernel.assign(keras.ops.full(kernel.shape, float("nan")))
+
+
+def test_weights_that_the_last_update_of_an_epoch_breaks_stop_the_stage_at_that_epoch(tmp_path):
+    model, train, test = _fresh_stage()
+    with pytest.raises(training.Diverged, match="the test loss became nan after epoch 2"):
+        training.train(model, train, test, SETTINGS, tmp_path, callbacks=[PoisonAfterLastBatchOf(2, len(train))])
+    assert json.loads((tmp_path / "training_metadata.json").read_text())["epoch"] == 1
+
+
 def test_keras_terminate_on_nan_default_would_checkpoint_the_diverged_weights(tmp_path):
     # Why StopOnDivergence raises: TerminateOnNaN's default stops gracefully,
     # the epoch ends, and BackupAndRestore saves NaN weights over the good ones.
