@@ -94,3 +94,17 @@ def test_probes_recipe_writes_thirty_probes_a_block_table_and_a_plot(data_root, 
     assert "| layer2 |" in table and "89.06 |" in table  # the paper's NIN block 2 beside our layer2
     assert (out / "probes.png").stat().st_size > 0
     assert len(passes) == 3 * 2  # features computed once per model and split, not once per probe
+
+
+def test_random_control_is_the_rotation_models_starting_point():
+    # The random-init probes read the weights a rotation stage starts training from, in its fast layout or not.
+    from kerasrot.runner import speed, stages
+
+    settings = speed.resolve({"model": "resnet18", "stem": "imagenet", "image_size": 32, "data_format": "auto",
+                              "precision": "auto", "fused_batchnorm": "auto", "jit_compile": "auto"})
+    keras.utils.set_random_seed(3)
+    rotation_start = stages.build_model(settings, 4, name="rotation")
+    keras.utils.set_random_seed(3)
+    random_control = models.build_model("resnet18", 4, "imagenet", 32)
+    for a, b in zip(rotation_start.weights, random_control.weights):
+        np.testing.assert_array_equal(as_numpy(a), as_numpy(b), err_msg=a.path)
