@@ -232,14 +232,23 @@ def parse_overrides(pairs):
 # -- recipes ---------------------------------------------------------------
 
 
-def task_settings(presets, preset, task):
-    """The layered defaults of `presets.toml` for one preset and task."""
+def check_sections(presets, spec, name):
+    """Refuses sections of presets.toml and of a recipe's [presets] that nothing would read (typos)."""
     for section, table in presets.items():
         if section not in ("defaults", *PRESETS):
             raise RecipeError(f"recipes/presets.toml: unknown section [{section}]")
         for subsection in (k for k, v in table.items() if isinstance(v, dict)):
             if subsection not in TASKS:
                 raise RecipeError(f"recipes/presets.toml: unknown section [{section}.{subsection}]")
+    for preset, table in spec.get("presets", {}).items():
+        if preset not in PRESETS:
+            raise RecipeError(f"recipes/{name}.toml: unknown preset in [presets.{preset}]")
+        for section in set(table) - {*TASKS, SWEEP[0]}:
+            raise RecipeError(f"recipes/{name}.toml: unknown section [presets.{preset}.{section}]")
+
+
+def task_settings(presets, preset, task):
+    """The layered defaults of `presets.toml` for one preset and task."""
     layers = (presets["defaults"], presets["defaults"].get(task, {}),
               presets.get(preset, {}), presets.get(preset, {}).get(task, {}))
     settings = {}
@@ -257,16 +266,14 @@ def load(name, preset="quick", overrides=None):
     if preset not in PRESETS:
         raise RecipeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     spec, presets = _read_toml(name), _read_toml("presets")
+    check_sections(presets, spec, name)
     changes = spec.get("presets", {}).get(preset, {})
-    for section in set(spec.get("presets", {})) - set(PRESETS):
-        raise RecipeError(f"recipes/{name}.toml: unknown preset in [presets.{section}]")
-    for section in set(changes) - {*TASKS, SWEEP[0]}:
-        raise RecipeError(f"recipes/{name}.toml: unknown section [presets.{preset}.{section}]")
     overrides = overrides or {}
     if SWEEP[0] in overrides and name != SWEEP[0]:
         raise RecipeError(f"--set {'.'.join(SWEEP)}: a setting of the {SWEEP[0]} recipe, not of {name}")
     sweep = overrides.get(SWEEP[0], {}).get(SWEEP[1]) or changes.get(SWEEP[0], {}).get(SWEEP[1], [])
 
+    defaults = {task: task_settings(presets, preset, task) for task in TASKS}
     stages = []
     for entry in spec["stages"]:
         entry = dict(entry)
@@ -276,7 +283,7 @@ def load(name, preset="quick", overrides=None):
         repeat = entry.pop("repeat_for", {})
         per_preset = {p: entry.pop(p, {}) for p in PRESETS}
         settings = {
-            **task_settings(presets, preset, task), **changes.get(task, {}), **entry, **per_preset[preset],
+            **defaults[task], **changes.get(task, {}), **entry, **per_preset[preset],
             **overrides.get(task, {}),
         }
         for values in _repeats(repeat, sweep, f"recipes/{name}.toml, stage {stage_name!r}"):
