@@ -24,6 +24,8 @@ Keras variants (`--variants`, comma separated; tokens joined with `+`):
     cl / cf   image_data_format channels_last / channels_first
     fbn       fused BatchNorm (kerasrot.runner.speed.FusedBatchNormalization,
               torch.native_batch_norm; the recipes' default on torch)
+    clk       conv kernels in channels_last memory
+              (kerasrot.runner.speed.ChannelsLastKernelConv2D; the default on a CPU with torch)
     jit       compile(jit_compile=True) (torch.compile on torch: minutes!)
     fit       time model.fit(steps_per_epoch=--fit-steps) instead of train_on_batch
     speN      steps_per_execution=N (implies fit)
@@ -163,12 +165,13 @@ class Variant:
         tokens = text.split("+")
         self.data_format = {"cl": "channels_last", "cf": "channels_first"}[tokens[0]]
         self.fused_bn = "fbn" in tokens
+        self.channels_last_kernels = "clk" in tokens
         self.jit = "jit" in tokens
         self.spe = 1
         for t in tokens[1:]:
             if t.startswith("spe"):
                 self.spe = int(t[3:])
-            elif t not in ("fbn", "jit", "fit"):
+            elif t not in ("fbn", "clk", "jit", "fit"):
                 raise ValueError(f"unknown variant token {t!r} in {text!r}")
         self.fit = "fit" in tokens or self.spe > 1
 
@@ -178,8 +181,8 @@ def build_keras(arch, stem, variant, precision, lr=0.01):
     from kerasrot.runner import speed
 
     model = models.build_model(arch, NUM_ROTATIONS, stem, 32, data_format=variant.data_format, dtype=precision)
-    if variant.fused_bn:
-        model = speed.with_fused_batchnorm(model)
+    model = speed.with_fast_layers(model, fused_batchnorm=variant.fused_bn,
+                                   channels_last_kernels=variant.channels_last_kernels)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -82,7 +82,8 @@ def test_weights_of_a_fast_layout_model_give_the_same_logits_in_keras_defaults(d
     if keras.backend.backend() == "tensorflow" and data_format == "channels_first":
         pytest.skip("TensorFlow's CPU convolutions support channels_last only")
     spec = {"arch": "resnet18", "num_classes": 4, "stem": "imagenet", "image_size": 32}
-    fast = speed.with_fused_batchnorm(models.build_model(**spec, data_format=data_format, dtype=precision))
+    fast = models.build_model(**spec, data_format=data_format, dtype=precision)
+    fast = speed.with_fast_layers(fast, fused_batchnorm=True, channels_last_kernels=True)
     if precision == "float32":
         _train_step(fast, num_classes=4)  # non-trivial BN statistics (bf16 steps are slow on CPU)
     portable = models.build_model(**spec)

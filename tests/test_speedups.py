@@ -1,7 +1,7 @@
 """Every speed-up leaves the training results unchanged (within float tolerance).
 
 The fast settings (`kerasrot.runner.speed`: channels_first, fused BatchNorm,
-mixed bfloat16) change *how* a step is computed, never *what*: the same model from the same weights, trained on the
+channels_last kernels, mixed bfloat16) change *how* a step is computed, never *what*: the same model from the same weights, trained on the
 same batches, follows the same loss trajectory and ends with the same
 BatchNorm statistics as Keras' defaults (channels_last, float32, stock layers).
 """
@@ -21,14 +21,13 @@ SETTINGS = {
 STEPS = 5
 
 
-def _trajectory(data_format, precision, fused_batchnorm, start_weights):
+def _trajectory(data_format, precision, fast_layers, start_weights):
     """Losses of STEPS training steps on one batch from `start_weights`, and the final moving statistics."""
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (32, 32, 32, 3)).astype("float32")
     labels = rng.integers(0, 4, 32)
     model = models.build_model(**SPEC, data_format=data_format, dtype=precision)
-    if fused_batchnorm == "on":
-        model = speed.with_fused_batchnorm(model)
+    model = speed.with_fast_layers(model, **{name: True for name in fast_layers})
     model.set_weights(start_weights)
     training.compile_model(model, SETTINGS, steps_per_epoch=STEPS)
     losses = []
@@ -40,7 +39,7 @@ def _trajectory(data_format, precision, fused_batchnorm, start_weights):
 
 @pytest.fixture(scope="module")
 def trajectory():
-    """`trajectory(data_format, precision, fused_batchnorm)`, each computed once, all from one start."""
+    """`trajectory(data_format, precision, fast_layers)`, each computed once, all from one start."""
     keras.utils.set_random_seed(0)
     start_weights = models.build_model(**SPEC).get_weights()
     seen = {}
@@ -53,19 +52,23 @@ def trajectory():
     return run
 
 
-KERAS_DEFAULTS = ("channels_last", "float32", "off")
+KERAS_DEFAULTS = ("channels_last", "float32", ())
+FUSED = ("fused_batchnorm",)
+TORCH_CPU = ("fused_batchnorm", "channels_last_kernels")  # what "auto" picks on torch without a GPU
 
 
 @pytest.mark.parametrize(
     "fast",
-    [("channels_first", "float32", "off"), ("channels_last", "float32", "on"), ("channels_first", "float32", "on")],
-    ids=["channels_first", "fused_batchnorm", "channels_first+fused_batchnorm"],
+    [("channels_first", "float32", ()), ("channels_last", "float32", FUSED), ("channels_first", "float32", FUSED),
+     ("channels_first", "float32", ("channels_last_kernels",)), ("channels_first", "float32", TORCH_CPU)],
+    ids=["channels_first", "fused_batchnorm", "channels_first+fused_batchnorm", "channels_last_kernels",
+         "channels_first+fused_batchnorm+channels_last_kernels"],
 )
 def test_fast_float32_settings_follow_keras_defaults(trajectory, fast):
     if keras.backend.backend() == "tensorflow" and fast[0] == "channels_first":
         pytest.skip("TensorFlow's CPU convolutions support channels_last only")
-    if keras.backend.backend() != "torch" and fast[2] == "on":
-        pytest.skip("fused BatchNorm is a PyTorch-backend speed-up (elsewhere Keras' layer is used)")
+    if keras.backend.backend() != "torch" and fast[2]:
+        pytest.skip("fused BatchNorm and channels_last kernels are PyTorch-backend speed-ups")
     losses, moving = trajectory(*KERAS_DEFAULTS)
     fast_losses, fast_moving = trajectory(*fast)
     assert losses[-1] < 0.5 * losses[0]  # it learns: the comparison is not between two constants
@@ -74,25 +77,27 @@ def test_fast_float32_settings_follow_keras_defaults(trajectory, fast):
         np.testing.assert_allclose(ours, theirs, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("fused_batchnorm", ["off", "on"])
-def test_mixed_bfloat16_follows_float32_within_its_precision(trajectory, fused_batchnorm):
+@pytest.mark.parametrize("fast_layers", [(), TORCH_CPU], ids=["stock", "fast"])
+def test_mixed_bfloat16_follows_float32_within_its_precision(trajectory, fast_layers):
     """bfloat16 keeps 8 bits of mantissa: a few percent, with Keras' BatchNorm as with the fused one."""
     if keras.backend.backend() == "tensorflow":
         pytest.skip("TensorFlow's CPU convolutions support channels_last only")
-    if keras.backend.backend() != "torch" and fused_batchnorm == "on":
-        pytest.skip("fused BatchNorm is a PyTorch-backend speed-up (elsewhere Keras' layer is used)")
+    if keras.backend.backend() != "torch" and fast_layers:
+        pytest.skip("fused BatchNorm and channels_last kernels are PyTorch-backend speed-ups")
     losses, moving = trajectory(*KERAS_DEFAULTS)
-    fast_losses, fast_moving = trajectory("channels_first", "mixed_bfloat16", fused_batchnorm)
+    fast_losses, fast_moving = trajectory("channels_first", "mixed_bfloat16", fast_layers)
     np.testing.assert_allclose(fast_losses, losses, rtol=0.1, atol=0.05 * losses[0])
     for ours, theirs in zip(fast_moving, moving):
         np.testing.assert_allclose(ours, theirs, rtol=0.1, atol=0.1)
 
 
-def test_fused_batchnorm_copy_swaps_only_the_batchnorm_layers_and_keeps_the_weights():
+def test_fast_copy_swaps_only_the_batchnorm_and_conv_layers_and_keeps_the_weights():
     model = models.build_model(**SPEC, data_format="channels_first")
-    fused = speed.with_fused_batchnorm(model)
-    swapped = [layer.name for layer in fused.layers if type(layer) is speed.FusedBatchNormalization]
-    assert swapped == [layer.name for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    fused = speed.with_fast_layers(model, fused_batchnorm=True, channels_last_kernels=True)
+    fast_classes = (speed.FusedBatchNormalization, speed.ChannelsLastKernelConv2D)
+    swapped = [layer.name for layer in fused.layers if type(layer) in fast_classes]
+    assert swapped == [layer.name for layer in model.layers
+                       if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.Conv2D))]
     assert [type(a) for a in fused.layers if a.name not in swapped] == \
         [type(b) for b in model.layers if b.name not in swapped]
     for a, b in zip(fused.weights, model.weights):

@@ -99,6 +99,8 @@ SETTINGS = {
     "precision": Setting(str, "compute precision", PRECISIONS, tasks=IMAGE_TASKS),
     "fused_batchnorm": Setting(str, "BatchNorm with PyTorch's fused kernel (torch backend only)", ON_OFF,
                                tasks=IMAGE_TASKS),
+    "channels_last_kernels": Setting(str, "conv kernels in PyTorch's channels_last memory (torch, NCHW); auto: CPU",
+                                     ON_OFF, tasks=IMAGE_TASKS),
     "jit_compile": Setting(str, "compile the train step (XLA / torch.compile); auto: JAX only", JIT_COMPILE),
     "pipeline": Setting(str, "input pipeline: both make the same batches (kerasrot.pipeline)", PIPELINES),
     "verbose": Setting(int, "Keras progress: 0 silent, 1 bar, 2 a line per epoch", (0, 1, 2)),

@@ -62,7 +62,7 @@ def provenance(command, backend_name, device, data_source, wall_seconds, setting
         "packages": package_versions(),
         "wall_seconds": round(wall_seconds, 1),
         **{key: sorted({s[key] for s in settings if key in s})  # probe stages have none of them
-           for key in ("pipeline", "precision", "data_format", "fused_batchnorm")},
+           for key in ("pipeline", "precision", "data_format", "fused_batchnorm", "channels_last_kernels")},
         "platform": f"{platform.system()} {platform.machine()}, {sys.implementation.name}",
     }
 
@@ -117,7 +117,8 @@ def markdown_table(metrics):
         "",
         f"Made by `{p['command']}` on {p['device']}, backend {p['backend']} "
         f"(precision {', '.join(p['precision'])}, data format {', '.join(p['data_format'])}"
-        f"{', fused BatchNorm' if 'on' in p.get('fused_batchnorm', []) else ''}), "
+        f"{', fused BatchNorm' if 'on' in p.get('fused_batchnorm', []) else ''}"
+        f"{', channels_last kernels' if 'on' in p.get('channels_last_kernels', []) else ''}), "
         f"data: {p['data']}, commit {p['commit']}, {p['wall_seconds'] / 60:.1f} min.",
     ]
     if "cifar10 (JPEG" in p["data"]:

@@ -16,6 +16,13 @@ each is a setting whose "auto" this module turns into a choice:
   PyTorch backend that is about 40% of a CPU training step;
   `FusedBatchNormalization` calls PyTorch's fused kernel instead, with
   Keras' semantics. Elsewhere XLA fuses those ops itself.
+* `channels_last_kernels`: Keras stores a convolution kernel as (height,
+  width, in, out) and the PyTorch backend hands `conv2d` a permuted view
+  of it, a memory layout oneDNN has no fast path for; its backward pass is
+  most of a CPU training step. `ChannelsLastKernelConv2D` hands it the
+  kernel in PyTorch's channels_last memory format instead, the layout the
+  activations already have (the network's first `Permute` is a view).
+  On by default on a CPU only: not measured on a GPU yet.
 * `jit_compile`: on for JAX, which runs op by op uncompiled.
 
 TensorFlow's oneDNN kernels are a sixth choice, made in
@@ -48,6 +55,12 @@ def resolve(settings):
         settings["precision"] = "mixed_bfloat16" if native else "float32"
     if "fused_batchnorm" in settings and (settings["fused_batchnorm"] == "auto" or backend != "torch"):
         settings["fused_batchnorm"] = "on" if backend == "torch" else "off"
+    if "channels_last_kernels" in settings:
+        fits = backend == "torch" and settings["data_format"] == "channels_first"
+        if settings["channels_last_kernels"] == "auto":
+            settings["channels_last_kernels"] = "on" if fits and not device.has_gpu() else "off"
+        elif not fits:
+            settings["channels_last_kernels"] = "off"
     if settings["jit_compile"] == "auto":
         # JAX must compile (XLA): uncompiled, Keras runs it op by op, about ten
         # times slower. PyTorch runs eagerly: torch.compile took two minutes
@@ -93,17 +106,42 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         return keras.ops.cast(y, self.compute_dtype)
 
 
-def with_fused_batchnorm(model):
-    """A copy of `model` whose BatchNormalization layers are `FusedBatchNormalization`.
+@keras.saving.register_keras_serializable(package="kerasrot")
+class ChannelsLastKernelConv2D(keras.layers.Conv2D):
+    """Keras' Conv2D, handing PyTorch its kernel in channels_last memory (torch backend, NCHW).
 
-    `keras.models.clone_model` rebuilds the functional graph layer by layer;
-    the copy gets the original's weights.
+    Same weights, same config, the same convolution: only the memory layout
+    of the kernel tensor that `conv2d` receives changes. Keras permutes the
+    (height, width, in, out) kernel to PyTorch's (out, in, height, width);
+    stored out-major first, that permutation is channels_last-contiguous,
+    which oneDNN convolves without reordering, forward and backward.
     """
 
-    def clone(layer):
-        cls = FusedBatchNormalization if type(layer) is keras.layers.BatchNormalization else type(layer)
-        return cls.from_config(layer.get_config())
+    def convolution_op(self, inputs, kernel):
+        if keras.backend.backend() != "torch" or self.data_format != "channels_first":
+            return super().convolution_op(inputs, kernel)
+        kernel = keras.ops.convert_to_tensor(kernel)  # the variable's value, cast under mixed precision
+        kernel = kernel.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)  # same shape, out-major memory
+        return super().convolution_op(inputs, kernel)
 
-    fused = keras.models.clone_model(model, clone_function=clone)
-    fused.set_weights(model.get_weights())
-    return fused
+
+def with_fast_layers(model, fused_batchnorm=False, channels_last_kernels=False):
+    """A copy of `model` with `FusedBatchNormalization` and/or `ChannelsLastKernelConv2D` layers.
+
+    `keras.models.clone_model` rebuilds the functional graph layer by layer,
+    swapping the chosen stock classes; the copy gets the original's weights.
+    """
+    swaps = {}
+    if fused_batchnorm:
+        swaps[keras.layers.BatchNormalization] = FusedBatchNormalization
+    if channels_last_kernels:
+        swaps[keras.layers.Conv2D] = ChannelsLastKernelConv2D
+    if not swaps:
+        return model
+
+    def clone(layer):
+        return swaps.get(type(layer), type(layer)).from_config(layer.get_config())
+
+    fast = keras.models.clone_model(model, clone_function=clone)
+    fast.set_weights(model.get_weights())
+    return fast

@@ -79,7 +79,8 @@ def build_model(settings, num_classes, name, fast=True):
         return models.build_model(s["model"], num_classes, s["stem"], s["image_size"], name=name)
     model = models.build_model(s["model"], num_classes, s["stem"], s["image_size"],
                                data_format=s["data_format"], dtype=s["precision"], name=name)
-    return speed.with_fused_batchnorm(model) if s["fused_batchnorm"] == "on" else model
+    return speed.with_fast_layers(model, fused_batchnorm=s["fused_batchnorm"] == "on",
+                                  channels_last_kernels=s["channels_last_kernels"] == "on")
 
 
 def initial_model(stage, workdir, num_classes):
