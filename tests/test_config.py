@@ -91,7 +91,7 @@ def test_table2_and_table3_share_their_rotation_stage_under_every_preset():
         assert table2["last_block.rotation_init"].key != table3["full.rotation_init"].key
 
 
-@pytest.mark.parametrize("override", ["rotation.learning_rate=0.05", "rotation.seed=1", "rotation.augment=false"])
+@pytest.mark.parametrize("override", ["rotation.learning_rate=0.05", "rotation.seed=1", "rotation.augment=true"])
 def test_any_rotation_setting_changes_the_keys_of_stages_that_start_from_it(override):
     plain = {s.name: s.key for s in config.load("table3", "quick").stages}
     changed = {s.name: s.key for s in config.load("table3", "quick", config.parse_overrides([override])).stages}
