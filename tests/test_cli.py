@@ -13,6 +13,7 @@ from kerasrot.runner.cli import main
 TINY = [
     "--set", "rotation.images_per_class=3", "--set", "rotation.test_images_per_class=2",
     "--set", "rotation.epochs=1", "--set", "rotation.batch_size=8",
+    "--set", "rotation.samples_per_epoch=all",  # quick draws 10,000 a rotation epoch
     "--set", "classify.images_per_class=3", "--set", "classify.test_images_per_class=2",
     "--set", "classify.epochs=2", "--set", "classify.batch_size=8",
     # "auto" picks bfloat16 on CPUs with AVX512-BF16, five times slower at this size
@@ -292,3 +293,10 @@ def test_diverging_stage_stops_with_one_line_keeps_its_checkpoint_and_writes_no_
     assert json.loads((stage / "checkpoints" / "training_metadata.json").read_text())["epoch"] == 1
     assert not (stage / "result.json").exists() and not (stage / "model.keras").exists()
     assert not (tmp_path / "results").exists() or not list((tmp_path / "results").rglob("metrics.json"))
+
+
+def test_the_epochs_cell_names_the_images_of_an_epoch_where_it_is_not_one_pass():
+    from kerasrot.runner.reporting import _epochs
+
+    assert _epochs({"settings": {"epochs": 8, "samples_per_epoch": 10000}, "train_images": 50000}) == "8 x 10000 images"
+    assert _epochs({"settings": {"epochs": 5, "samples_per_epoch": None}, "train_images": 10000}) == "5"

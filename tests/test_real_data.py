@@ -68,7 +68,7 @@ def real_data_dir(tmp_path_factory):
 def test_short_rotation_run_on_real_cifar10_beats_chance_by_far(real_data_dir, tmp_path):
     overrides = config.parse_overrides([
         f"rotation.images_per_class={TRAIN_PER_CLASS}", f"rotation.test_images_per_class={TEST_PER_CLASS}",
-        "rotation.epochs=4", "rotation.warmup_epochs=1", "rotation.batch_size=32",
+        "rotation.epochs=4", "rotation.warmup_epochs=1", "rotation.batch_size=32", "rotation.samples_per_epoch=all",
         "rotation.learning_rate=0.05", "rotation.augment=false",
         "rotation.stem=imagenet", "rotation.precision=float32", "rotation.verbose=0",
     ])

@@ -101,7 +101,7 @@ def markdown_table(metrics):
         ours, stage = metrics["accuracy"][name], metrics["stages"][name]
         ref = metrics["reference"].get(name, {})
         cells = [name, f"{ours:.2f}", *[_fmt(ref.get(c)) for c in columns]]
-        cells += [str(stage.get("train_images", "")), str(stage["settings"]["epochs"])]
+        cells += [str(stage.get("train_images", "")), _epochs(stage)]
         lines.append("| " + " | ".join(cells) + " |")
     p = metrics["provenance"]
     lines += [
@@ -127,6 +127,12 @@ def markdown_table(metrics):
             "accuracies can differ slightly from the original dataset's."
         )
     return "\n".join(lines) + "\n"
+
+
+def _epochs(stage):
+    """The epochs cell: "8", or "8 x 10000 images" where an epoch is not one pass over the train images."""
+    epochs, per_epoch = stage["settings"]["epochs"], stage["settings"].get("samples_per_epoch")
+    return f"{epochs} x {per_epoch} images" if per_epoch and per_epoch != stage.get("train_images") else str(epochs)
 
 
 def _column_title(column):
