@@ -42,7 +42,8 @@ def _train_one_step_and_save(path):
     images = rng.integers(0, 256, size=(32, 32, 32, 3)).astype("float32")
     labels = rng.integers(0, 10, size=32)
     layout = speed.resolve({"data_format": "auto", "precision": "auto", "fused_batchnorm": "auto",
-                            "jit_compile": "auto", "model": "resnet18", "stem": "imagenet", "image_size": 32})
+                            "channels_last_kernels": "auto", "jit_compile": "auto",
+                            "model": "resnet18", "stem": "imagenet", "image_size": 32})
     model = stages.build_model(layout, 10, name="resnet18")
     training.compile_model(model, SETTINGS, steps_per_epoch=1)
     model.train_on_batch(images, labels)

@@ -101,7 +101,8 @@ def test_random_control_is_the_rotation_models_starting_point():
     from kerasrot.runner import speed, stages
 
     settings = speed.resolve({"model": "resnet18", "stem": "imagenet", "image_size": 32, "data_format": "auto",
-                              "precision": "auto", "fused_batchnorm": "auto", "jit_compile": "auto"})
+                              "precision": "auto", "fused_batchnorm": "auto", "channels_last_kernels": "auto",
+                              "jit_compile": "auto"})
     keras.utils.set_random_seed(3)
     rotation_start = stages.build_model(settings, 4, name="rotation")
     keras.utils.set_random_seed(3)
