@@ -72,8 +72,8 @@ SETTINGS = {
     "image_size": _count("input height and width; images are resized to it", minimum=32),
     "images_per_class": _count("training images per class, fixed seed (\"all\": every image)", optional=True),
     "test_images_per_class": _count("test images per class (\"all\": the whole test set)", optional=True),
-    "samples_per_epoch": Setting(int, "images per epoch: a small set repeats, a large one is drawn from (\"all\": one pass)", minimum=1,
-                                 optional=True, tasks=IMAGE_TASKS),
+    "samples_per_epoch": Setting(int, "images per epoch: a small set repeats, a large one is drawn from "
+                                 "(\"all\": one pass)", minimum=1, optional=True, tasks=IMAGE_TASKS),
     "init": Setting(str, "\"random\" or the name of an earlier stage whose weights it starts from",
                     tasks=("classify", "probe")),
     "trainable": Setting(str, "blocks that train", tuple(TRAINABLE_CHOICES), tasks=("classify",)),

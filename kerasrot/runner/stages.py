@@ -79,8 +79,7 @@ def build_model(settings, num_classes, name, fast=True):
         return models.build_model(s["model"], num_classes, s["stem"], s["image_size"], name=name)
     model = models.build_model(s["model"], num_classes, s["stem"], s["image_size"],
                                data_format=s["data_format"], dtype=s["precision"], name=name)
-    return speed.with_fast_layers(model, fused_batchnorm=s["fused_batchnorm"] == "on",
-                                  channels_last_kernels=s["channels_last_kernels"] == "on")
+    return speed.with_fast_layers(model, **{key: s[key] == "on" for key in speed.FAST_LAYERS})
 
 
 def initial_model(stage, workdir, num_classes):
