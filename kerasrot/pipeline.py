@@ -16,6 +16,11 @@ Two pipelines run those steps, in different places (`--pipeline`):
 * `tfdata`: `Batches.as_tf_dataset()`, a `tf.data.Dataset` that runs the
   same functions as `tensorflow.experimental.numpy` in tf.data's threads,
   prefetching while the model trains.
+
+Either reads a streamed split (`kerasrot.data.ImageFiles`) the same way:
+a batch's images are read from disk when the batch is made, so memory holds
+the batches in flight, not the dataset, and a resumed epoch reads the same
+files in the same order.
 """
 
 import math
@@ -23,6 +28,7 @@ import math
 import keras
 import numpy as np
 
+from kerasrot.data import ImageFiles
 from kerasrot.rotations import CROP_PADDING, crop_and_flip, four_rotations
 
 PIPELINES = ("memory", "tfdata")
@@ -63,7 +69,8 @@ class Batches(keras.utils.PyDataset):
     plan is the one of that epoch number, also after a resume.
 
     Args:
-        images: uint8 array `[N, H, W, 3]`.
+        images: uint8 array `[N, H, W, 3]`, or `kerasrot.data.ImageFiles`
+            (streamed: each batch reads its images from disk).
         labels: int array `[N]` (ignored when `rotations=True`).
         batch_size: images per batch, before the 4x of rotation.
         rotations: yield the four rotations with labels 0-3 instead of `labels`.
@@ -127,7 +134,16 @@ class Batches(keras.utils.PyDataset):
         import tensorflow as tf
         import tensorflow.experimental.numpy as tnp
 
-        images, labels = tf.constant(self.images), tf.constant(self.labels)
+        labels = tf.constant(self.labels)
+        if isinstance(self.images, ImageFiles):  # streamed: tf.data's threads read the files
+            def gather(indices):
+                batch = tf.numpy_function(self.images.__getitem__, [indices], tf.uint8, stateful=False)
+                return tf.ensure_shape(batch, [None, *self.images.shape[1:]])
+        else:
+            images = tf.constant(self.images)
+
+            def gather(indices):
+                return tf.gather(images, indices)
 
         def this_epochs_plan():
             yield self.plan.order, self.plan.offsets, self.plan.flips
@@ -138,7 +154,7 @@ class Batches(keras.utils.PyDataset):
         batches = plan.flat_map(lambda *arrays: tf.data.Dataset.from_tensor_slices(arrays).batch(self.batch_size))
 
         def make_batch(indices, offsets, flips):
-            return self.make_batch(tf.gather(images, indices), tf.gather(labels, indices), offsets, flips, xp=tnp)
+            return self.make_batch(gather(indices), tf.gather(labels, indices), offsets, flips, xp=tnp)
 
         batches = batches.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
         # Known length: Keras then makes one pass per epoch, with no "ran out of data" warning.

@@ -32,7 +32,7 @@ import json
 import math
 import tomllib
 
-from kerasrot.data import DATASETS
+from kerasrot.data import DATASETS, FOLDER, TFDS, DataError, check_dataset_name
 from kerasrot.models import ARCHITECTURES, STEMS, TRAINABLE_CHOICES
 from kerasrot.pipeline import PIPELINES
 from kerasrot.probes import PROBED_BLOCKS, PROBES
@@ -58,6 +58,7 @@ class Setting:
     below: float | None = None  # exclusive upper bound
     optional: bool = False  # may be "all" (None): every image
     tasks: tuple = TASKS  # the tasks it means something for
+    check: callable = None  # raises DataError for values that the other fields cannot describe
 
 
 def _count(help_, minimum=1, optional=False):
@@ -68,7 +69,8 @@ SETTINGS = {
     # what is trained
     "model": Setting(str, "network", tuple(ARCHITECTURES)),
     "stem": Setting(str, "layers before layer1: 3x3 conv (cifar) or 7x7/2 + max-pool (imagenet)", STEMS),
-    "dataset": Setting(str, "training and test data", tuple(DATASETS)),
+    "dataset": Setting(str, f"training and test data: {', '.join(DATASETS)}, {FOLDER}PATH (your own images, "
+                       f"kerasrot.folders) or {TFDS}NAME (TensorFlow Datasets)", check=check_dataset_name),
     "image_size": _count("input height and width; images are resized to it", minimum=32),
     "images_per_class": _count("training images per class, fixed seed (\"all\": every image)", optional=True),
     "test_images_per_class": _count("test images per class (\"all\": the whole test set)", optional=True),
@@ -93,6 +95,8 @@ SETTINGS = {
     "step_gamma": Setting(float, "step: factor at each step", minimum=1e-12),
     "label_smoothing": Setting(float, "label smoothing of the cross-entropy", minimum=0, below=1),
     "augment": Setting(bool, "pad-4-crop and horizontal flip", tasks=IMAGE_TASKS),
+    "bad_images": Setting(str, "unreadable files in an image folder: stop (error) or leave out, counted (skip)",
+                          ("error", "skip"), tasks=IMAGE_TASKS),
     "seed": _count("seeds weights, subsets, order and augmentation", minimum=0),
     # speed: how, not what (results agree within tolerance; see kerasrot.runner.speed)
     "data_format": Setting(str, "layout inside the network", DATA_FORMATS, tasks=IMAGE_TASKS),
@@ -103,9 +107,13 @@ SETTINGS = {
                                      ON_OFF, tasks=IMAGE_TASKS),
     "jit_compile": Setting(str, "compile the train step (XLA / torch.compile); auto: JAX only", JIT_COMPILE),
     "pipeline": Setting(str, "input pipeline: both make the same batches (kerasrot.pipeline)", PIPELINES),
+    "streaming": Setting(str, "read image folders from disk batch by batch; auto: folder:PATH larger than "
+                         "a quarter of memory", ON_OFF, tasks=IMAGE_TASKS),
     "verbose": Setting(int, "Keras progress: 0 silent, 1 bar, 2 a line per epoch", (0, 1, 2)),
 }
-NOT_IN_KEY = ("pipeline", "verbose")  # they do not change what a stage computes
+# They do not change what a stage computes. (bad_images: a run that stops at a
+# bad file leaves no result, so every result on a folder with bad files skipped them.)
+NOT_IN_KEY = ("pipeline", "streaming", "bad_images", "verbose")
 
 
 @dataclasses.dataclass
@@ -188,6 +196,11 @@ def check_value(key, value, where):
             raise RecipeError(f"{where}: {key} must be {kind}, got {value!r}")
         if item_kind is float and not math.isfinite(item):
             raise RecipeError(f"{where}: {key} must be a finite number, got {item!r}")
+        if setting.check:
+            try:
+                setting.check(item)
+            except DataError as error:
+                raise RecipeError(f"{where}: {error}") from None
         if setting.choices and item not in setting.choices:
             raise RecipeError(f"{where}: {key} must be one of {', '.join(map(str, setting.choices))}, got {item!r}")
         if setting.minimum is not None and item < setting.minimum:

@@ -45,15 +45,20 @@ def evaluate_checkpoint(path, data_dir, dataset=None, test_images_per_class=None
     outputs = model.output_shape[-1]
     task = "rotation" if outputs == NUM_ROTATIONS else "classify"
     dataset = dataset or settings.get("dataset") or _dataset_from_name(model.name)
-    info = data.dataset_info(dataset)
-    if task == "classify" and outputs != info.num_classes:
-        raise DataError(f"{path} predicts {outputs} classes, {dataset} has {info.num_classes}: not a {dataset} model")
+    data.check_dataset_name(dataset)
+    if task == "classify" and dataset in data.DATASETS and outputs != data.DATASETS[dataset].num_classes:
+        raise DataError(f"{path} predicts {outputs} classes, {dataset} has {data.DATASETS[dataset].num_classes}: "
+                        f"not a {dataset} model")
     image_size = model.input_shape[1]
     if model.input_shape[1:] != (image_size, image_size, 3):
         raise DataError(f"{path} takes inputs of shape {model.input_shape[1:]}, not square RGB images")
 
     per_class = _per_class(test_images_per_class, settings)
-    test = data.load_split(dataset, "test", image_size, data_dir)
+    test = data.load_split(dataset, "test", image_size, data_dir, labelled=task == "classify",
+                           streaming=settings.get("streaming") == "on", bad_images=settings.get("bad_images", "error"))
+    if task == "classify" and outputs != len(test.class_names):
+        raise DataError(f"{path} predicts {outputs} classes, {dataset} has {len(test.class_names)}: "
+                        f"not a model of {dataset}")
     test = test.subset(data.balanced_subset(test.labels, per_class, settings.get("seed", 0)))
     batch_size = settings.get("batch_size", 256)  # as when recorded: the same sums
     batches = Batches(test.images, test.labels, batch_size, rotations=task == "rotation")

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import keras
 
-from kerasrot import data, models, probes, training
+from kerasrot import data, folders, models, probes, training
 from kerasrot.pipeline import Batches
 from kerasrot.rotations import NUM_ROTATIONS
 from kerasrot.runner import files, speed
-from kerasrot.runner.config import key_stages
+from kerasrot.runner.config import IMAGE_TASKS, key_stages
 from kerasrot.runner.progress import Progress, RunTracker
 
 
@@ -46,20 +46,43 @@ def stage_dir(workdir, stage):
 
 
 def resolve_stages(recipe, options):
-    """Fills in "auto" settings for this machine and keys the stages with the data source."""
+    """Fills in "auto" settings for this machine and keys the stages with the data they read."""
+    folder_fingerprints = {}
     for stage in recipe.stages:
         speed.resolve(stage.settings)
         if stage.settings["verbose"] == 1 and not sys.stdout.isatty():
             stage.settings["verbose"] = 2  # a progress bar in a log file is one line per step
+        folder_fingerprints.update(resolve_data(stage.settings))
     data_source = str(Path(options.data_dir).resolve()) if options.data_dir else "tfds"
-    key_stages(recipe.stages, context={"data": data_source, "backend": keras.backend.backend()})
+    # A folder's fingerprint changes with its files: a stage trained before they changed is not reused.
+    key_stages(recipe.stages, context={"data": data_source, "backend": keras.backend.backend(),
+                                       **({"folders": folder_fingerprints} if folder_fingerprints else {})})
 
 
-def load_data(settings, data_dir):
+def resolve_data(settings):
+    """An own folder's absolute path and "auto" streaming, in place -> `{path: fingerprint}` of folders read.
+
+    Scanning the folder here, before any training, stops a run with bad files at once.
+    """
+    stream = settings.get("streaming")  # a probe has none: it trains on cached features
+    if not settings["dataset"].startswith(data.FOLDER):
+        if stream == "auto":
+            settings["streaming"] = "off"
+        return {}
+    index = folders.scan(settings["dataset"][len(data.FOLDER):])
+    settings["dataset"] = f"{data.FOLDER}{index.root}"
+    if stream == "auto":
+        settings["streaming"] = "on" if folders.needs_streaming(index.root, settings["image_size"]) else "off"
+    return {str(index.root): index.fingerprint}
+
+
+def load_data(settings, data_dir, task="classify"):
     """Train and test `Split`s of the stage's dataset, subset as its settings say."""
     splits = []
     for split, per_class in (("train", settings["images_per_class"]), ("test", settings["test_images_per_class"])):
-        whole = data.load_split(settings["dataset"], split, settings["image_size"], data_dir)
+        whole = data.load_split(settings["dataset"], split, settings["image_size"], data_dir,
+                                labelled=task != "rotation", streaming=settings.get("streaming") == "on",
+                                bad_images=settings.get("bad_images", "error"))
         splits.append(whole.subset(data.balanced_subset(whole.labels, per_class, settings["seed"])))
     return splits
 
@@ -86,7 +109,7 @@ def initial_model(stage, workdir, num_classes):
     """The stage's model with its init weights and trainable blocks."""
     s = stage.settings
     keras.utils.set_random_seed(s["seed"])
-    model = build_model(s, num_classes, name=f"{s['model']}_{stage.task}_{s['dataset']}")
+    model = build_model(s, num_classes, name=f"{s['model']}_{stage.task}_{data.dataset_tag(s['dataset'])}")
     if stage.task == "classify" and s["init"] != "random":
         source = keras.saving.load_model(stage_dir(workdir, stage.init_stage) / "model.keras")
         models.transfer_weights(source, model, skip_blocks=("head",))
@@ -126,7 +149,10 @@ def stage_model_and_data(stage, options):
         model = probes.probe(s["probe"], cells, channels, len(train.class_names), name=f"{s['probe']}_probe_{block}")
         train_batches = Batches(train_features[block], train_labels, s["batch_size"], shuffle=True, seed=s["seed"])
         return model, train_batches, Batches(test_features[block], test_labels, s["batch_size"]), train
-    train, test = load_data(s, options.data_dir)
+    train, test = load_data(s, options.data_dir, stage.task)
+    if train.skipped:
+        options.log(f"left out {len(train.skipped)} unreadable image file(s) (bad_images=skip): "
+                    + ", ".join(name for name, _ in train.skipped[:3]) + (" ..." if len(train.skipped) > 3 else ""))
     num_classes = NUM_ROTATIONS if stage.task == "rotation" else len(train.class_names)
     train_batches, test_batches = make_batches(stage, train, test)
     return initial_model(stage, options.workdir, num_classes), train_batches, test_batches, train
@@ -172,6 +198,9 @@ def run_stage(stage, options, callbacks=()):
         "train_seconds": round(sum(e["seconds"] for e in history), 1),
         "wall_seconds_this_run": round(time.perf_counter() - start, 1),
         "data_source": train.source,
+        **({"skipped_images": {"count": len(train.skipped), "files": [f"{name} ({why})" for name, why in
+                                                                        train.skipped[:100]]}}
+           if train.skipped else {}),
         "backend": keras.backend.backend(),
         "checkpoint": str(directory / "model.keras"),
     }
