@@ -77,10 +77,12 @@ class Batches(keras.utils.PyDataset):
         augment, shuffle: pad-crop-flip, and a new order every epoch.
         seed: seeds every random choice, together with the epoch number.
         epoch_length: images per epoch (default: every image once).
+        process_shard: `(index, count)`: on several machines, yield this
+            process's share of every batch (`this_process`).
     """
 
     def __init__(self, images, labels, batch_size, rotations=False, augment=False, shuffle=False, seed=0,
-                 epoch_length=None):
+                 epoch_length=None, process_shard=(0, 1)):
         super().__init__()
         if len(images) == 0:
             raise ValueError("no images to make batches from")
@@ -90,6 +92,7 @@ class Batches(keras.utils.PyDataset):
         self.batch_size, self.rotations = batch_size, rotations
         self.augment, self.shuffle, self.seed = augment, shuffle, seed
         self.epoch_length = epoch_length or len(images)
+        self.process_index, self.process_count = process_shard
         self.set_epoch(0)
 
     def __len__(self):
@@ -116,13 +119,25 @@ class Batches(keras.utils.PyDataset):
     def __getitem__(self, index):
         if index >= len(self):
             raise IndexError(index)
-        part = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        part = self.this_process(slice(index * self.batch_size, min((index + 1) * self.batch_size,
+                                                                    self.epoch_length)))
         indices = self.plan.order[part]
         tensor = keras.ops.convert_to_tensor
         return self.make_batch(
             tensor(self.images[indices]), tensor(self.labels[indices]),
             tensor(self.plan.offsets[part]), tensor(self.plan.flips[part]),
         )
+
+    def this_process(self, part):
+        """This process's share of the batch `part`: `1 / process_count` of its images, in order.
+
+        With data parallelism over several machines each process feeds its
+        own share, and Keras makes the global batch of them
+        (`kerasrot.runner.distribute.process_shard`).
+        """
+        share = (part.stop - part.start) // self.process_count
+        start = part.start + self.process_index * share
+        return slice(start, start + share)
 
     def as_tf_dataset(self):
         """The same batches as a `tf.data.Dataset`, for `model.fit` on any backend.
@@ -152,6 +167,13 @@ class Batches(keras.utils.PyDataset):
             tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 2], tf.int32), tf.TensorSpec([None], tf.bool),
         ))
         batches = plan.flat_map(lambda *arrays: tf.data.Dataset.from_tensor_slices(arrays).batch(self.batch_size))
+        if self.process_count > 1:  # this process's share of every batch, as `this_process`
+            def share(indices, offsets, flips):
+                size = tf.shape(indices)[0] // self.process_count
+                start = self.process_index * size
+                return indices[start:start + size], offsets[start:start + size], flips[start:start + size]
+
+            batches = batches.map(share)
 
         def make_batch(indices, offsets, flips):
             return self.make_batch(gather(indices), tf.gather(labels, indices), offsets, flips, xp=tnp)

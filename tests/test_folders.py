@@ -232,3 +232,11 @@ def test_streaming_a_known_dataset_reads_its_image_folder_batch_by_batch(data_ro
     np.testing.assert_array_equal(streamed.images[np.arange(len(streamed))], in_memory.images)
     np.testing.assert_array_equal(streamed.labels, in_memory.labels)
     assert os.path.basename(os.fsdecode(streamed.images.paths[0])) == "000.png"
+
+
+def test_asking_for_more_test_images_than_a_folder_holds_names_the_setting_to_change(tmp_path):
+    write_images(tmp_path / "photos", 40, size=8)
+    result = invoke("run", "table1", "--workdir", tmp_path / "work", "--set", f"rotation.dataset=folder:{tmp_path}")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "rotation.test_images_per_class=100: asked for 100 images of class 0, it has " in result.output
+    assert "set it lower or to all" in result.output

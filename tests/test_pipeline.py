@@ -1,3 +1,5 @@
+import importlib.util
+
 import keras
 import numpy as np
 import pytest
@@ -177,3 +179,24 @@ def test_balanced_subset_takes_n_per_class_sorted_and_fixed_by_seed():
     assert len(data.balanced_subset(labels, None, seed=0)) == 40
     with pytest.raises(data.DataError, match="asked for 11"):
         data.balanced_subset(labels, 11, seed=0)
+
+
+def test_each_process_of_several_yields_its_share_of_every_batch():
+    """`--data-parallel` on several machines: the processes' shares make up the one-machine batch."""
+    images = _identity_images(22)
+    kwargs = dict(batch_size=8, rotations=True, augment=True, shuffle=True, seed=5, epoch_length=20)
+    whole = Batches(images, np.zeros(22), **kwargs)
+    shares = [Batches(images, np.zeros(22), process_shard=(p, 2), **kwargs) for p in (0, 1)]
+    assert len(shares[0]) == len(whole) == 3  # 8 + 8 + 4 images
+    for i in range(len(whole)):
+        expected = as_numpy(whole[i][0])
+        first, second = (as_numpy(share[i][0]) for share in shares)
+        n = len(expected) // 4  # images in the batch; each share holds half of them, four turns each
+        for k in range(4):  # rotation k of the batch's images is rows k*n .. (k+1)*n - 1
+            np.testing.assert_array_equal(np.concatenate([first[k * n // 2:(k + 1) * n // 2],
+                                                          second[k * n // 2:(k + 1) * n // 2]]),
+                                          expected[k * n:(k + 1) * n])
+    if importlib.util.find_spec("tensorflow"):  # the tf.data pipeline takes the same shares
+        for share in shares:
+            for i, (x, _) in enumerate(share.as_tf_dataset().as_numpy_iterator()):
+                np.testing.assert_array_equal(as_numpy(share[i][0]), x)

@@ -7,6 +7,7 @@ machinery around it:
 * `config`: recipe files and presets to the stages' settings, `--set` checked;
 * `stages`: runs the stages in order, caching finished ones by their settings;
 * `speed` and `device`: the backend- and device-specific speed-ups;
+* `distribute`: `--data-parallel`, Keras' DataParallel over every device (JAX);
 * `progress`: the time-left estimate;
 * `files`: atomic writes and the work directory's lock;
 * `reporting`: metrics.json, table.md, history.csv and plots;

@@ -7,6 +7,7 @@ so even a wrong backend name gets a clear answer.
 """
 
 import os
+import re
 import shlex
 import sys
 import time
@@ -32,15 +33,13 @@ def _check_backend():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's runtime logs (start-up: below)
     if name not in BACKENDS:
         raise Failure(f"error: KERAS_BACKEND={name!r} is not supported; use one of {', '.join(BACKENDS)}")
-    if name == "tensorflow":  # Keras imports it at once; other backends only where data is read
-        _import_tensorflow_quietly()
 
 
 def _import_tensorflow_quietly():
     """Imports TensorFlow (tf.data, tfds, its backend) without its C++ start-up chatter.
 
-    Called before the first import of TensorFlow: at start-up on its backend,
-    else by the commands that read data (`run`, `evaluate`).
+    Called at start-up (`main`), before anything imports TensorFlow: Keras
+    does where it is installed, tf.data and tfds read data with it.
 
     TensorFlow 2.21 logs "oneDNN custom operations are on" and more to
     stderr through absl, which `TF_CPP_MIN_LOG_LEVEL` no longer silences.
@@ -93,11 +92,18 @@ def _friendly_errors(function):
 def _describe(error):
     from kerasrot.data import DataError
     from kerasrot.runner.config import RecipeError
+    from kerasrot.runner.distribute import DistributeError
     from kerasrot.runner.files import WorkdirBusy
     from kerasrot.runner.stages import StageError
 
-    if isinstance(error, (DataError, RecipeError, WorkdirBusy, StageError)):
+    if isinstance(error, (DataError, RecipeError, WorkdirBusy, StageError, DistributeError)):
         return f"error: {error}"
+    if type(error).__name__ == "IndivisibleError":  # JAX: a batch that --data-parallel cannot split
+        sizes = re.search(r"partitioned (\d+) times, but the dimension size is (\d+)", str(error))
+        batch = f"a batch of {sizes[2]} samples over {sizes[1]} devices" if sizes else "a batch over the devices"
+        return (f"error: --data-parallel cannot split {batch} (the last, shorter batch of an epoch or of the test "
+                f"set?); choose batch_size, samples_per_epoch, images_per_class or test_images_per_class so that "
+                f"every batch splits evenly")
     if isinstance(error, PermissionError):
         return f"error: cannot write {error.filename}: permission denied; choose a writable --workdir/--results"
     if isinstance(error, OSError) and error.errno == 28:
@@ -112,6 +118,9 @@ def _describe(error):
 def main(debug):
     """Rotation pretraining (RotNet) on CIFAR-10 with Keras 3: reproduce the tables."""
     _check_backend()
+    # Keras imports TensorFlow where it is installed (keras.src.tree), whichever the
+    # backend: every command would show its start-up chatter without this.
+    _import_tensorflow_quietly()
 
 
 @main.command("list")
@@ -161,17 +170,22 @@ def show(recipe, preset, overrides):
               help="Where results/<recipe>/<preset>/ go.")
 @click.option("--set", "overrides", multiple=True, metavar="TASK.KEY=VALUE",
               help="Override a setting, e.g. --set rotation.epochs=3 (see `kerasrot show`).")
+@click.option("--data-parallel", is_flag=True,
+              help="Split every batch over all accelerators (JAX backend; README, 'More than one accelerator').")
 @_friendly_errors
-def run(recipe, preset, data_dir, workdir, results, overrides):
+def run(recipe, preset, data_dir, workdir, results, overrides, data_parallel):
     """Train and evaluate every stage of RECIPE, then write its results."""
-    _import_tensorflow_quietly()
     import keras
 
-    from kerasrot.runner import config, device, reporting, stages
+    from kerasrot.runner import config, device, distribute, reporting, stages
 
     started = time.perf_counter()
+    # First: on several machines JAX must connect them before it does anything
+    # else, and every model must be built after the distribution is set.
+    devices = distribute.data_parallel(data_parallel)
     commit = reporting.git_commit()  # the code that runs, even if the tree changes meanwhile
     loaded = config.load(recipe, preset, config.parse_overrides(overrides))
+    distribute.check_batch_sizes(loaded.stages)
     data_dir = _data_dir(data_dir)
     workdir = Path(workdir or os.environ.get("KERASROT_WORKDIR") or DEFAULT_WORKDIR).expanduser()
     backend = keras.backend.backend()
@@ -188,11 +202,14 @@ def run(recipe, preset, data_dir, workdir, results, overrides):
     sources = sorted({r["data_source"] for r in stage_results.values()})
     prov = reporting.provenance(
         _command_line(), backend, device.description(), "; ".join(sources),
-        time.perf_counter() - started, settings, commit,
+        time.perf_counter() - started, settings, commit, devices=devices,
     )
     metrics = reporting.build_metrics(loaded, stage_results, prov)
-    reporting.write_report(metrics, out)
     click.echo(f"\n{reporting.markdown_table(metrics)}")
+    if distribute.process_shard()[0] != 0:  # several machines: the first one writes the results
+        click.echo("results are written by process 0")
+        return
+    reporting.write_report(metrics, out)
     click.echo(f"results written to {out}/ ({', '.join(sorted(f.name for f in out.iterdir()))})")
 
 
@@ -201,13 +218,13 @@ def run(recipe, preset, data_dir, workdir, results, overrides):
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder with cifar10/ and imagenette/ image folders [default: $KERASROT_DATA_DIR, "
                    "else download with tfds].")
-@click.option("--dataset", default=None, help="Test set, cifar10 or imagenette [default: the one it was trained on].")
+@click.option("--dataset", default=None,
+              help="Test set: cifar10, imagenette, folder:PATH or tfds:NAME [default: the one it was trained on].")
 @click.option("--test-images-per-class", default=None,
               help="Test images per class, or 'all' [default: as recorded beside the checkpoint, else all].")
 @_friendly_errors
 def evaluate(checkpoint, data_dir, dataset, test_images_per_class):
     """Accuracy of a saved .keras model on the test set of its task."""
-    _import_tensorflow_quietly()
     from kerasrot.runner.evaluate import evaluate_checkpoint
 
     click.echo(evaluate_checkpoint(checkpoint, _data_dir(data_dir), dataset, test_images_per_class))
@@ -253,6 +270,12 @@ def _check_writable(directory):
 def _command_line():
     backend = os.environ.get("KERAS_BACKEND", "torch")
     prefix = "" if backend == "torch" else f"KERAS_BACKEND={backend} "
+    # What else the run's devices depend on: XLA_FLAGS (e.g. a CPU's host devices), several machines.
+    from kerasrot.runner.distribute import MULTI_HOST_VARIABLES
+
+    for name in ("XLA_FLAGS", *MULTI_HOST_VARIABLES):
+        if os.environ.get(name):
+            prefix += f"{name}={shlex.quote(os.environ[name])} "
     return prefix + "kerasrot " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 

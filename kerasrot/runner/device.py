@@ -5,6 +5,8 @@ import platform
 
 import keras
 
+from kerasrot.runner import distribute
+
 
 def has_gpu():
     backend = keras.backend.backend()
@@ -83,7 +85,14 @@ def cpu_description():
 
 
 def description():
-    """A short description of the machine, e.g. "GPU NVIDIA H200" or "CPU AMD EPYC (AVX2), 2 cores"."""
-    if has_gpu():
-        return f"GPU {gpu_name()}"
-    return f"CPU {cpu_description()}"
+    """A short description of the machine, e.g. "GPU NVIDIA H200" or "CPU AMD EPYC (AVX2), 2 cores".
+
+    Under data parallelism (`kerasrot.runner.distribute`) it adds the devices
+    that share each batch: "...; 8 JAX devices, data-parallel".
+    """
+    machine = f"GPU {gpu_name()}" if has_gpu() else f"CPU {cpu_description()}"
+    if keras.distribution.distribution() is None:
+        return machine
+    count, (_, processes) = distribute.device_count(), distribute.process_shard()
+    on = f" on {processes} processes" if processes > 1 else ""
+    return f"{machine}; {count} {keras.backend.backend().upper()} device{'s' if count > 1 else ''}{on}, data-parallel"

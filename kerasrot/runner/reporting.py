@@ -52,11 +52,13 @@ def package_versions():
     return versions
 
 
-def provenance(command, backend_name, device, data_source, wall_seconds, settings, commit):
+def provenance(command, backend_name, device, data_source, wall_seconds, settings, commit, devices="1 device"):
+    """How a result was made. `devices`: those that shared each batch (`kerasrot.runner.distribute`)."""
     return {
         "command": command,
         "backend": backend_name,
         "device": device,
+        "devices": devices,
         "data": data_source,
         "commit": commit,
         "packages": package_versions(),
@@ -115,7 +117,7 @@ def markdown_table(metrics):
         lines += ["", metrics["notes"]]
     lines += [
         "",
-        f"Made by `{p['command']}` on {p['device']}, backend {p['backend']} "
+        f"Made by `{p['command']}` on {p['device']}{_data_parallel(p)}, backend {p['backend']} "
         f"(precision {', '.join(p['precision'])}, data format {', '.join(p['data_format'])}"
         f"{', fused BatchNorm' if 'on' in p.get('fused_batchnorm', []) else ''}"
         f"{', channels_last kernels' if 'on' in p.get('channels_last_kernels', []) else ''}), "
@@ -127,6 +129,14 @@ def markdown_table(metrics):
             "accuracies can differ slightly from the original dataset's."
         )
     return "\n".join(lines) + "\n"
+
+
+def _data_parallel(provenance):
+    """"; data-parallel over 2 devices (...)" where the device line does not say so already; else nothing."""
+    devices = provenance.get("devices", "1 device")  # older metrics.json have no such field
+    if devices == "1 device" or "data-parallel" in provenance["device"]:
+        return ""
+    return f"; data-parallel over {devices}"
 
 
 def _epochs(stage):

@@ -25,7 +25,7 @@ import keras
 from kerasrot import data, folders, models, probes, training
 from kerasrot.pipeline import Batches
 from kerasrot.rotations import NUM_ROTATIONS
-from kerasrot.runner import files, speed
+from kerasrot.runner import distribute, files, speed
 from kerasrot.runner.config import IMAGE_TASKS, key_stages
 from kerasrot.runner.progress import Progress, RunTracker
 
@@ -76,23 +76,33 @@ def resolve_data(settings):
     return {str(index.root): index.fingerprint}
 
 
-def load_data(settings, data_dir, task="classify"):
+def load_data(settings, data_dir, task):
     """Train and test `Split`s of the stage's dataset, subset as its settings say."""
     splits = []
-    for split, per_class in (("train", settings["images_per_class"]), ("test", settings["test_images_per_class"])):
+    for split, key in (("train", "images_per_class"), ("test", "test_images_per_class")):
         whole = data.load_split(settings["dataset"], split, settings["image_size"], data_dir,
                                 labelled=task != "rotation", streaming=settings.get("streaming") == "on",
                                 bad_images=settings.get("bad_images", "error"))
-        splits.append(whole.subset(data.balanced_subset(whole.labels, per_class, settings["seed"])))
+        try:
+            chosen = data.balanced_subset(whole.labels, settings[key], settings["seed"])
+        except data.DataError as error:  # say which setting asks for too many, and what to do
+            raise data.DataError(f"{task}.{key}={settings[key]}: {error} in the {split} split of "
+                                 f"{settings['dataset']}; set it lower or to all") from None
+        splits.append(whole.subset(chosen))
     return splits
 
 
 def make_batches(stage, train, test):
     s = stage.settings
     common = dict(batch_size=s["batch_size"], rotations=stage.task == "rotation", seed=s["seed"])
+    # With several machines (--data-parallel) each process feeds its share of
+    # every training batch. Test batches stay whole on every process:
+    # training.accuracy predicts them on each, and whole they cost no accuracy.
     train_batches = Batches(train.images, train.labels, augment=s["augment"], shuffle=True,
-                            epoch_length=s["samples_per_epoch"], **common)
-    return train_batches, Batches(test.images, test.labels, **common)
+                            epoch_length=s["samples_per_epoch"], process_shard=distribute.process_shard(), **common)
+    test_batches = Batches(test.images, test.labels, **common)
+    distribute.check_batches(stage, train_batches, test_batches)  # the last, shorter batches split too
+    return train_batches, test_batches
 
 
 def build_model(settings, num_classes, name, fast=True):
@@ -132,7 +142,7 @@ def probe_data(stage, options):
         else:  # random weights: those the rotation model starts from (same seed, same draws)
             keras.utils.set_random_seed(s["seed"])
             model = models.build_model(s["model"], NUM_ROTATIONS, s["stem"], s["image_size"])
-        train, test = load_data(s, options.data_dir)
+        train, test = load_data(s, options.data_dir, stage.task)
         extract = [Batches(split.images, split.labels, s["batch_size"]) for split in (train, test)]
         _features[key] = [probes.block_features(model, batches) for batches in extract], train, test
     return _features[key]
@@ -148,7 +158,9 @@ def stage_model_and_data(stage, options):
         cells, channels = train_features[block].shape[1:]
         model = probes.probe(s["probe"], cells, channels, len(train.class_names), name=f"{s['probe']}_probe_{block}")
         train_batches = Batches(train_features[block], train_labels, s["batch_size"], shuffle=True, seed=s["seed"])
-        return model, train_batches, Batches(test_features[block], test_labels, s["batch_size"]), train
+        test_batches = Batches(test_features[block], test_labels, s["batch_size"])
+        distribute.check_batches(stage, train_batches, test_batches)
+        return model, train_batches, test_batches, train
     train, test = load_data(s, options.data_dir, stage.task)
     if train.skipped:
         options.log(f"left out {len(train.skipped)} unreadable image file(s) (bad_images=skip): "
@@ -202,6 +214,7 @@ def run_stage(stage, options, callbacks=()):
                                                                         train.skipped[:100]]}}
            if train.skipped else {}),
         "backend": keras.backend.backend(),
+        "devices": distribute.description(),  # a cached stage may have been trained on other devices
         "checkpoint": str(directory / "model.keras"),
     }
     files.write_json(directory / "result.json", result)
