@@ -160,6 +160,8 @@ def load_split(path, split, image_size, labelled, streaming, bad_images):
                         "them, or leave them out with --set TASK.bad_images=skip")
     files, prefix = _split_files(index, split)
     where = str(index.root / prefix.rstrip(os.sep)) if prefix else str(index.root)
+    if not files and prefix:
+        raise DataError(f"{where} holds no images")
     if not files:
         raise DataError(f"{where} holds no {split} images: with {len(index.files)} images and no "
                         f"{index.root}/train and /test folders, one in {HELD_OUT} is held out for testing")
@@ -167,7 +169,7 @@ def load_split(path, split, image_size, labelled, streaming, bad_images):
         labels, class_names = _labels(files, prefix, where)
     else:
         labels, class_names = np.zeros(len(files), dtype="int32"), ["images"]
-    images = ImageFiles(index.root, files, image_size)
+    images = ImageFiles(index.root, files, image_size, draft=True)  # photos: decode large JPEGs reduced
     if not streaming:
         images = images[np.arange(len(images))]
     stored = f"{index.smallest[0]}x{index.smallest[1]}"

@@ -147,11 +147,11 @@ def test_rotation_on_a_streamed_folder_trains_resumes_and_records_the_files_it_l
     from kerasrot.runner import stages
     from kerasrot.runner.progress import Progress
 
-    write_images(tmp_path / "photos" / "trip", 32, size=24, suffix=".jpg")
+    write_images(tmp_path / "photos" / "trip", 300, size=24, suffix=".jpg")
     (tmp_path / "photos" / "trip" / "broken.png").write_bytes(b"\x89PNG truncated")
     own = ["--set", f"rotation.dataset=folder:{tmp_path / 'photos'}", "--set", "rotation.streaming=on",
            "--set", "rotation.bad_images=skip", "--set", "rotation.images_per_class=all",
-           "--set", "rotation.epochs=3"]
+           "--set", "rotation.epochs=3", "--set", "rotation.samples_per_epoch=48"]
 
     def run(name):
         return invoke("run", "table1", "--workdir", tmp_path / name, "--results", tmp_path / f"results-{name}",
