@@ -10,6 +10,7 @@ from PIL import Image
 
 from kerasrot import data, folders
 from kerasrot.pipeline import Batches
+from kerasrot.runner.reporting import results_dir
 from tests.test_cli import TINY, invoke
 
 
@@ -187,6 +188,9 @@ def test_rotation_on_a_streamed_folder_trains_resumes_and_records_the_files_it_l
     assert "broken.png" in a["stages"]["rotation"]["skipped_images"]["files"][0]
     assert "streamed from disk" in a["provenance"]["data"]
     assert a["stages"]["rotation"]["settings"]["dataset"] == f"folder:{(tmp_path / 'photos').resolve()}"
+    table = results_dir(tmp_path / "results-straight", "table1", "quick", a["provenance"]["backend"]) / "table.md"
+    assert f"Own data, in place of the recipe's: rotation on `folder:{(tmp_path / 'photos').resolve()}`" \
+        in table.read_text()
 
 
 def test_a_folder_that_changes_is_trained_again_not_reused(tmp_path):

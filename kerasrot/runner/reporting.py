@@ -115,6 +115,9 @@ def markdown_table(metrics):
     ]
     if metrics.get("notes"):
         lines += ["", metrics["notes"]]
+    own_data = _own_data(metrics)
+    if own_data:
+        lines += ["", own_data]
     lines += [
         "",
         f"Made by `{p['command']}` on {p['device']}{_data_parallel(p)}, backend {p['backend']} "
@@ -129,6 +132,19 @@ def markdown_table(metrics):
             "accuracies can differ slightly from the original dataset's."
         )
     return "\n".join(lines) + "\n"
+
+
+def _own_data(metrics):
+    """"Own data: rotation on folder:/photos." where a stage trained on a folder or tfds name; else ""."""
+    own = {}
+    for name, stage in metrics["stages"].items():
+        dataset = stage.get("settings", {}).get("dataset", "")
+        if dataset.startswith(("folder:", "tfds:")):
+            own.setdefault(dataset, []).append(name)
+    if not own:
+        return ""
+    parts = [f"{', '.join(names)} on `{dataset}`" for dataset, names in own.items()]
+    return f"Own data, in place of the recipe's: {'; '.join(parts)} (the title above names the recipe's data)."
 
 
 def _data_parallel(provenance):
