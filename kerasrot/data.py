@@ -142,7 +142,7 @@ def load_split(dataset, split, image_size, data_dir=None, labelled=True, streami
         images, sizes = _decode_with_image_folder(root, folder, files, image_size)
     else:
         images, sizes = _decode_with_pillow(files, image_size)
-    return Split(images, labels, class_names, f"image folder {root} ({formats}, stored {_size_range(sizes)})")
+    return Split(images, labels, class_names, f"image folder {root} ({formats}, stored {size_range(sizes)})")
 
 
 def _no_streaming(streaming, dataset):
@@ -168,7 +168,7 @@ def list_image_folder(top):
     return files, np.asarray(labels, dtype="int32"), class_names
 
 
-def _size_range(sizes):
+def size_range(sizes):
     """`{(96, 96)}` -> "96x96"; several sizes -> "32x32 to 500x375"."""
     sizes = sorted(sizes, key=lambda s: (s[0] * s[1], s))
     names = [f"{w}x{h}" for w, h in (sizes[0], sizes[-1])]

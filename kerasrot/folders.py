@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kerasrot.data import DataError, ImageFiles, Split
+from kerasrot.data import DataError, ImageFiles, Split, size_range
 
 HELD_OUT = 20  # one image in HELD_OUT is a test image, where the folder has no test split
 SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val")}
@@ -90,14 +90,18 @@ def _header(path):
         return None, f"{type(error).__name__}: {str(error)[:100]}", stamp
 
 
+def scan(root):
+    """Lists `root` and reads every image's header, once per folder however its path is written."""
+    return _scan(Path(root).expanduser().resolve())
+
+
 @functools.lru_cache(maxsize=8)
-def scan(root, chunk=256):
-    """Lists `root` and reads every image's header (memoised: the stages of a run share it).
+def _scan(root, chunk=256):
+    """`scan` of a resolved path (memoised: the stages of a run share it).
 
     What it keeps per file is its name; the headers are read `chunk` files
     at a time, so scanning a folder takes no more memory than its listing.
     """
-    root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"no folder {root}: folder:PATH needs a folder of images")
     listing = _listing(root)
@@ -172,12 +176,9 @@ def load_split(path, split, image_size, labelled, streaming, bad_images):
     images = ImageFiles(index.root, files, image_size, draft=True)  # photos: decode large JPEGs reduced
     if not streaming:
         images = images[np.arange(len(images))]
-    stored = f"{index.smallest[0]}x{index.smallest[1]}"
-    if index.largest != index.smallest:
-        stored += f" to {index.largest[0]}x{index.largest[1]}"
     skipped = f", {len(index.bad)} unreadable left out" if index.bad else ""
     source = (f"image folder {index.root} ({len(index.files)} images{skipped}, {'/'.join(sorted(index.formats))}, "
-              f"stored {stored}){', streamed from disk' if streaming else ''}")
+              f"stored {size_range({index.smallest, index.largest})}){', streamed from disk' if streaming else ''}")
     return Split(images, labels, class_names, source, skipped=index.bad)
 
 

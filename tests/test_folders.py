@@ -26,9 +26,9 @@ def write_images(folder, count, size=32, suffix=".png", start=0, seed=0):
 
 @pytest.fixture(autouse=True)
 def fresh_scans():
-    folders.scan.cache_clear()
+    folders._scan.cache_clear()
     yield
-    folders.scan.cache_clear()
+    folders._scan.cache_clear()
 
 
 def as_numpy(x):
@@ -61,7 +61,7 @@ def test_held_out_test_images_stay_held_out_as_the_folder_grows(tmp_path):
     assert 5 <= len(before) <= 30  # one in 20
     assert not set(before.images.paths) & set(train.images.paths)
     write_images(tmp_path / "photos", 300, size=8, start=300)
-    folders.scan.cache_clear()
+    folders._scan.cache_clear()
     data.load_split.cache_clear()
     after = data.load_split(path, "test", 8, labelled=False, streaming=True)
     assert set(before.images.paths) < set(after.images.paths)
@@ -122,7 +122,7 @@ def test_a_streamed_split_gives_the_same_batches_as_the_split_in_memory(tmp_path
 def _peak_bytes_of_one_epoch(folder, streaming):
     """Peak Python/NumPy memory while loading a split and making one epoch of 64 images' batches."""
     data.load_split.cache_clear()
-    folders.scan.cache_clear()
+    folders._scan.cache_clear()
     tracemalloc.start()
     split = data.load_split(f"folder:{folder}", "train", 48, labelled=False, streaming=streaming)
     batches = Batches(split.images, split.labels, 16, rotations=True, shuffle=True, epoch_length=64)
@@ -200,7 +200,7 @@ def test_a_folder_that_changes_is_trained_again_not_reused(tmp_path):
     assert invoke(*args).exit_code == 0
     assert "done before" in invoke(*args).output
     write_images(tmp_path / "photos", 1, size=16, start=24)
-    folders.scan.cache_clear()
+    folders._scan.cache_clear()
     data.load_split.cache_clear()
     again = invoke(*args)
     assert again.exit_code == 0 and "done before" not in again.output

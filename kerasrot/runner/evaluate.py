@@ -46,9 +46,6 @@ def evaluate_checkpoint(path, data_dir, dataset=None, test_images_per_class=None
     task = "rotation" if outputs == NUM_ROTATIONS else "classify"
     dataset = dataset or settings.get("dataset") or _dataset_from_name(model.name)
     data.check_dataset_name(dataset)
-    if task == "classify" and dataset in data.DATASETS and outputs != data.DATASETS[dataset].num_classes:
-        raise DataError(f"{path} predicts {outputs} classes, {dataset} has {data.DATASETS[dataset].num_classes}: "
-                        f"not a {dataset} model")
     image_size = model.input_shape[1]
     if model.input_shape[1:] != (image_size, image_size, 3):
         raise DataError(f"{path} takes inputs of shape {model.input_shape[1:]}, not square RGB images")

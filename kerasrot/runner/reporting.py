@@ -13,6 +13,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from kerasrot.data import FOLDER, TFDS
 from kerasrot.runner import files
 
 PACKAGES = ("keras", "torch", "jax", "tensorflow", "tensorflow-cpu", "tensorflow-datasets", "numpy")
@@ -139,7 +140,7 @@ def _own_data(metrics):
     own = {}
     for name, stage in metrics["stages"].items():
         dataset = stage.get("settings", {}).get("dataset", "")
-        if dataset.startswith(("folder:", "tfds:")):
+        if dataset.startswith((FOLDER, TFDS)):
             own.setdefault(dataset, []).append(name)
     if not own:
         return ""

@@ -26,7 +26,7 @@ from kerasrot import data, folders, models, probes, training
 from kerasrot.pipeline import Batches
 from kerasrot.rotations import NUM_ROTATIONS
 from kerasrot.runner import distribute, files, speed
-from kerasrot.runner.config import IMAGE_TASKS, key_stages
+from kerasrot.runner.config import key_stages
 from kerasrot.runner.progress import Progress, RunTracker
 
 
