@@ -26,12 +26,24 @@ Keras variants (`--variants`, comma separated; tokens joined with `+`):
               torch.native_batch_norm; the recipes' default on torch)
     clk       conv kernels in channels_last memory
               (kerasrot.runner.speed.ChannelsLastKernelConv2D; the default on a CPU with torch)
+    graph     train step recorded as a CUDA graph and replayed
+              (kerasrot.runner.cuda_graphs; the default on torch with a GPU)
     jit       compile(jit_compile=True) (torch.compile on torch: minutes!)
-    fit       time model.fit(steps_per_epoch=--fit-steps) instead of train_on_batch
+    fit       time model.fit over --steps steps instead of train_on_batch, the
+              batch already on the device (as `kerasrot run` trains)
     speN      steps_per_execution=N (implies fit)
-Every repeat times one step of every variant and of PyTorch in turn
-(interleaved), so load from other processes hits all of them alike; the
-numbers are medians over the repeats, after warm-up steps that are not timed.
+Each timed unit is --steps steps followed by one wait for the device, for
+Keras and PyTorch alike. Every repeat times one unit of every variant and
+of PyTorch in turn (interleaved), so load from other processes hits all of
+them alike; the numbers are medians over the repeats, after warm-up units
+that are not timed.
+
+The PyTorch reference (`torch_reference.py`) is the strongest eager
+PyTorch: channels_last memory format under bf16 autocast on a GPU, and on
+a CPU whichever of NCHW contiguous and channels_last is faster
+(--torch-memory-format); `--torch-compile` adds a torch.compile row.
+`--headline VARIANT` prints `<gpu|cpu> ratio keras-<backend>/pytorch-eager:
+X.XX` for that variant, against the first PyTorch row.
 """
 
 import argparse
@@ -99,12 +111,16 @@ def gpu():
 
 
 def sync():
-    """Waits for queued GPU work of the backend, so that timings are complete."""
-    if keras.backend.backend() == "torch":
-        import torch
+    """Waits for queued device work of the backend, so that timings are complete."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        sync_torch()
+    elif backend == "jax":
+        import jax
 
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        jax.effects_barrier()
+        for array in jax.live_arrays():
+            array.block_until_ready()
 
 
 # ---------------------------------------------------------------------------
@@ -167,11 +183,12 @@ class Variant:
         self.fused_bn = "fbn" in tokens
         self.channels_last_kernels = "clk" in tokens
         self.jit = "jit" in tokens
+        self.graph = "graph" in tokens
         self.spe = 1
         for t in tokens[1:]:
             if t.startswith("spe"):
                 self.spe = int(t[3:])
-            elif t not in ("fbn", "clk", "jit", "fit"):
+            elif t not in ("fbn", "clk", "jit", "fit", "graph"):
                 raise ValueError(f"unknown variant token {t!r} in {text!r}")
         self.fit = "fit" in tokens or self.spe > 1
 
@@ -191,31 +208,46 @@ def build_keras(arch, stem, variant, precision, lr=0.01):
         jit_compile=bool(variant.jit),
         steps_per_execution=variant.spe,
     )
+    if variant.graph:
+        from kerasrot.runner import cuda_graphs
+
+        cuda_graphs.install(model)
     return model
 
 
-class KerasStep:
-    """One timed unit of Keras training; `__call__` returns seconds per step."""
+class SameBatch(keras.utils.PyDataset):
+    """`steps` batches, all the same device-resident batch: `fit` with no input cost."""
 
-    def __init__(self, model, variant, x, y, fit_steps):
+    def __init__(self, x, y, steps):
+        super().__init__()
+        self.x, self.y, self.steps = x, y, steps
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, index):
+        return self.x, self.y
+
+
+class KerasStep:
+    """One timed unit of Keras training (`steps` steps, then a wait); `__call__` returns seconds per step."""
+
+    def __init__(self, model, variant, x, y, steps):
         self.model, self.variant = model, variant
         self.x, self.y = ops.convert_to_tensor(x), ops.convert_to_tensor(y)
-        if variant.fit:
-            self.steps = max(fit_steps, variant.spe)
-            self.steps -= self.steps % variant.spe
-            reps = self.steps
-            self.fx = np.concatenate([x] * reps)
-            self.fy = np.concatenate([y] * reps)
+        self.steps = max(steps, variant.spe)
+        self.steps -= self.steps % variant.spe
+        self.batches = SameBatch(self.x, self.y, self.steps)
 
     def __call__(self):
         start = time.perf_counter()
         if self.variant.fit:
-            self.model.fit(
-                self.fx, self.fy, batch_size=len(self.x), epochs=1, shuffle=False, verbose=0
-            )
-            return (time.perf_counter() - start) / self.steps
-        self.model.train_on_batch(self.x, self.y)  # returns numbers: synchronises
-        return time.perf_counter() - start
+            self.model.fit(self.batches, epochs=1, shuffle=False, verbose=0)
+        else:
+            for _ in range(self.steps):
+                self.model.train_on_batch(self.x, self.y)
+        sync()
+        return (time.perf_counter() - start) / self.steps
 
 
 # ---------------------------------------------------------------------------
@@ -224,14 +256,14 @@ class KerasStep:
 
 
 class TorchStep:
-    """The same network in plain PyTorch, fed the same NHWC 0-255 batch."""
+    """The same network in plain PyTorch, fed the same NHWC 0-255 batch; `steps` steps, then a wait."""
 
-    def __init__(self, arch, stem, precision, x, y, lr=0.01, memory_format="contiguous"):
+    def __init__(self, arch, stem, precision, x, y, steps, lr=0.01, memory_format="contiguous", compiled=False):
         import torch
 
         import torch_reference
 
-        self.torch = torch
+        self.torch, self.steps = torch, steps
         self.device = torch_device()
         net = torch_reference.NETWORKS[arch](NUM_ROTATIONS, stem).to(self.device)
         self.memory_format = (
@@ -244,6 +276,7 @@ class TorchStep:
         self.mean = torch.tensor(CIFAR10_MEAN, device=self.device)
         self.std = torch.tensor(CIFAR10_STD, device=self.device)
         self.bf16 = precision == "mixed_bfloat16"
+        self.run_step = torch.compile(self.step) if compiled else self.step
 
     def step(self):
         torch = self.torch
@@ -259,8 +292,17 @@ class TorchStep:
 
     def __call__(self):
         start = time.perf_counter()
-        self.step().item()  # synchronises
-        return time.perf_counter() - start
+        for _ in range(self.steps):
+            self.run_step()
+        sync_torch()
+        return (time.perf_counter() - start) / self.steps
+
+
+def sync_torch():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------
@@ -294,12 +336,14 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=128, help="images per batch (x4 rotations)")
     p.add_argument("--variants", default=None, help="Keras variants, e.g. cl,cf,cf+fbn")
     p.add_argument("--precisions", default="float32", help="float32,mixed_bfloat16")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    p.add_argument("--fit-steps", type=int, default=4, help="steps per timed fit call")
+    p.add_argument("--repeats", type=int, default=None, help="timed units per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed units per variant")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed unit (default 1 on a CPU, 20 on a GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--torch-memory-format", default="contiguous",
-                   choices=["contiguous", "channels_last"])
+    p.add_argument("--torch-memory-format", default=None, choices=["contiguous", "channels_last"],
+                   help="default: channels_last on a GPU, contiguous on a CPU")
+    p.add_argument("--torch-compile", action="store_true", help="add a torch.compile row (PyTorch reference)")
+    p.add_argument("--headline", default=None, help="variant for the `<gpu|cpu> ratio keras-<backend>/...` line")
     p.add_argument("--pipelines", default="memory,tfdata", help="kerasrot pipelines: memory,tfdata")
     p.add_argument("--pipeline-batches", type=int, default=20)
     p.add_argument("--skip-pipeline", action="store_true")
@@ -315,6 +359,10 @@ def parse_args(argv=None):
         args.variants = "cl,cf+fbn" if backend == "torch" else "cl"
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
+    if args.steps is None:
+        args.steps = 20 if gpu() else 1
+    if args.torch_memory_format is None:
+        args.torch_memory_format = "channels_last" if gpu() else "contiguous"
     if args.quick:
         args.warmup = min(args.warmup, 1)
         args.pipeline_batches = min(args.pipeline_batches, 5)
@@ -332,8 +380,8 @@ def main(argv=None):
     print(f"versions: {versions_line()}")
     print(
         f"batch: {args.batch} images x {NUM_ROTATIONS} rotations = "
-        f"{args.batch * NUM_ROTATIONS} samples; medians of {args.repeats} repeats "
-        f"after {args.warmup} warm-up steps; torch device {torch_device()}\n"
+        f"{args.batch * NUM_ROTATIONS} samples; medians of {args.repeats} repeats of {args.steps} step(s) "
+        f"after {args.warmup} warm-up units; torch device {torch_device()}\n"
     )
     rows = []  # (what, config, keras, torch, ratio, unit)
 
@@ -372,10 +420,14 @@ def main(argv=None):
                 runners = []
                 for v in variants:
                     model = build_keras(arch, stem, v, precision)
-                    runners.append((f"keras {v.text}", KerasStep(model, v, x, y, args.fit_steps)))
+                    runners.append((f"keras {v.text}", KerasStep(model, v, x, y, args.steps)))
                 if not args.skip_torch:
-                    runners.append(("torch", TorchStep(arch, stem, precision, x, y,
+                    runners.append(("torch", TorchStep(arch, stem, precision, x, y, args.steps,
                                                        memory_format=args.torch_memory_format)))
+                    if args.torch_compile:
+                        runners.append(("torch compile", TorchStep(arch, stem, precision, x, y, args.steps,
+                                                                   memory_format=args.torch_memory_format,
+                                                                   compiled=True)))
                 for label, run in runners:
                     t0 = time.perf_counter()
                     for _ in range(args.warmup):
@@ -391,7 +443,7 @@ def main(argv=None):
                         profile(f"{net_name} {precision} {label}", run, args.profile_rows)
                 rate = {k: samples / statistics.median(v) for k, v in times.items()}
                 for label, _ in runners:
-                    if label == "torch":
+                    if label.startswith("torch"):
                         continue
                     ratio = rate[label] / rate["torch"] if "torch" in rate else None
                     rows.append((net_name, f"{label}, {precision}", f"{rate[label]:.1f}",
@@ -403,9 +455,13 @@ def main(argv=None):
                         ratios.append(f"ratio keras/pytorch: {ratio:.2f}  "
                                       f"({net_name}, {label}, {precision}, batch {samples}; "
                                       f"best-step ratio {best:.2f})")
-                if "torch" in rate:
-                    rows.append((net_name, f"torch {args.torch_memory_format}, {precision}",
-                                 "", f"{rate['torch']:.1f}", "", spread(times["torch"])))
+                        if label == f"keras {args.headline}":
+                            ratios.insert(0, f"{'gpu' if gpu() else 'cpu'} ratio keras-{backend}/pytorch-eager: "
+                                             f"{ratio:.2f}  ({net_name}, {label}, {precision}, batch {samples}, "
+                                             f"pytorch eager {args.torch_memory_format})")
+                for label in (k for k in rate if k.startswith("torch")):
+                    rows.append((net_name, f"{label} {args.torch_memory_format}, {precision}",
+                                 "", f"{rate[label]:.1f}", "", spread(times[label])))
                 del runners
 
     print("\n| what | configuration | keras (samples/s) | pytorch (samples/s) | "

@@ -12,7 +12,11 @@ epoch it lost.
 Two pipelines run those steps, in different places (`--pipeline`):
 * `memory`: `Batches`, a `keras.utils.PyDataset`; `keras.ops` does the pixel
   work on the backend's device. Needs no TensorFlow; the default, and the
-  faster on the machines we measured (results/benchmarks.md).
+  faster on the machines we measured (results/benchmarks.md). Under torch
+  on a CUDA GPU, NumPy does it on the host instead and the batch goes to
+  the GPU in one copy that does not wait: there every `keras.ops` call
+  with a Python number or array copies it to the GPU and waits for the
+  GPU to finish its queued steps (`upload`).
 * `tfdata`: `Batches.as_tf_dataset()`, a `tf.data.Dataset` that runs the
   same functions as `tensorflow.experimental.numpy` in tf.data's threads,
   prefetching while the model trains.
@@ -93,6 +97,7 @@ class Batches(keras.utils.PyDataset):
         self.augment, self.shuffle, self.seed = augment, shuffle, seed
         self.epoch_length = epoch_length or len(images)
         self.process_index, self.process_count = process_shard
+        self.on_host = torch_on_cuda()  # where the pixel work runs: see `upload`
         self.set_epoch(0)
 
     def __len__(self):
@@ -108,13 +113,17 @@ class Batches(keras.utils.PyDataset):
         self.plan = EpochPlan(len(self.images), self.epoch_length, self.seed, epoch, self.shuffle, self.augment)
 
     def make_batch(self, images, labels, offsets, flips, xp=keras.ops):
-        """The pixel work of one batch, with the array module `xp` (see `kerasrot.rotations`)."""
-        images = xp.array(images, dtype="float32")
+        """The pixel work of one batch, with the array module `xp` (see `kerasrot.rotations`).
+
+        Crops, flips and quarter turns move pixels without changing them, so
+        they run on the images as they come (uint8: a quarter of the bytes
+        of float32) and the batch becomes float32 last.
+        """
         if self.augment:
             images = crop_and_flip(images, offsets, flips, xp)
         if self.rotations:
-            return four_rotations(images, xp)
-        return images, labels
+            images, labels = four_rotations(images, xp)
+        return xp.array(images, dtype="float32"), labels
 
     def __getitem__(self, index):
         if index >= len(self):
@@ -122,11 +131,12 @@ class Batches(keras.utils.PyDataset):
         part = self.this_process(slice(index * self.batch_size, min((index + 1) * self.batch_size,
                                                                     self.epoch_length)))
         indices = self.plan.order[part]
-        tensor = keras.ops.convert_to_tensor
-        return self.make_batch(
-            tensor(self.images[indices]), tensor(self.labels[indices]),
-            tensor(self.plan.offsets[part]), tensor(self.plan.flips[part]),
-        )
+        arrays = self.images[indices], self.labels[indices], self.plan.offsets[part], self.plan.flips[part]
+        if self.on_host:
+            with keras.device("cpu"):
+                images, labels = self.make_batch(*(keras.ops.convert_to_tensor(array) for array in arrays))
+            return upload(images), upload(labels)
+        return self.make_batch(*(keras.ops.convert_to_tensor(array) for array in arrays))
 
     def this_process(self, part):
         """This process's share of the batch `part`: `1 / process_count` of its images, in order.
@@ -181,6 +191,31 @@ class Batches(keras.utils.PyDataset):
         batches = batches.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
         # Known length: Keras then makes one pass per epoch, with no "ran out of data" warning.
         return batches.apply(tf.data.experimental.assert_cardinality(len(self))).prefetch(tf.data.AUTOTUNE)
+
+
+def torch_on_cuda():
+    if keras.backend.backend() != "torch":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def upload(array):
+    """A host array or tensor -> a tensor on the backend's device; under torch on a CUDA GPU, without waiting.
+
+    `keras.ops.convert_to_tensor` copies from ordinary (pageable) host
+    memory, which waits until the GPU has finished every step queued
+    before it. Through pinned memory, with `non_blocking=True`, the copy
+    is queued behind the running step instead, and the host goes on
+    preparing the next batch (PyTorch keeps the pinned buffer until the
+    copy is done).
+    """
+    if not torch_on_cuda():
+        return keras.ops.convert_to_tensor(array)
+    import torch
+
+    return torch.as_tensor(array).contiguous().pin_memory().to("cuda", non_blocking=True)
 
 
 class EpochSetter(keras.callbacks.Callback):

@@ -46,12 +46,34 @@ def learning_rate_schedule(settings, steps_per_epoch):
         values = [lr * settings["step_gamma"] ** i for i in range(len(boundaries) + 1)]
         return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
     warmup = min(settings["warmup_epochs"] * steps_per_epoch, total - 1)
-    return keras.optimizers.schedules.CosineDecay(
+    return WarmupCosineDecay(
         initial_learning_rate=lr / 10 if warmup else lr,
         decay_steps=max(total - warmup, 1),
         warmup_target=lr if warmup else None,
         warmup_steps=warmup,
     )
+
+
+@keras.saving.register_keras_serializable(package="kerasrot")
+class WarmupCosineDecay(keras.optimizers.schedules.CosineDecay):
+    """Keras' CosineDecay with its warm-up, chosen by `where` instead of `cond`: the same rates.
+
+    `ops.cond` on the torch backend asks the step tensor for a Python bool,
+    which waits for the GPU each step and cannot be recorded in a CUDA
+    graph (`kerasrot.runner.cuda_graphs`). Both branches are cheap scalars.
+    """
+
+    def __call__(self, step):
+        if self.warmup_target is None:
+            return super().__call__(step)
+        dtype = keras.ops.convert_to_tensor(self.initial_learning_rate).dtype
+        warmup_steps = keras.ops.cast(self.warmup_steps, dtype)
+        step = keras.ops.minimum(keras.ops.cast(step, dtype), keras.ops.cast(self.decay_steps, dtype) + warmup_steps)
+        warmup = self._warmup_function(step, warmup_steps, keras.ops.cast(self.warmup_target, dtype),
+                                       keras.ops.convert_to_tensor(self.initial_learning_rate))
+        decay = self._decay_function(step - warmup_steps, keras.ops.cast(self.decay_steps, dtype),
+                                     keras.ops.cast(self.warmup_target, dtype), dtype)
+        return keras.ops.where(step < warmup_steps, warmup, decay)
 
 
 def make_optimizer(settings, steps_per_epoch):
@@ -139,7 +161,12 @@ class StopOnDivergence(keras.callbacks.TerminateOnNaN):
             raise Diverged(self.epoch, (logs or {}).get("loss"), batch=batch) from None
 
     def on_epoch_end(self, epoch, logs=None):
-        test_loss = (logs or {}).get("val_loss")
+        logs = logs or {}
+        # The epoch's mean loss catches a last batch that a batch check saw
+        # too late: with CUDA graphs the batch logs are one step behind.
+        if logs.get("loss") is not None and not math.isfinite(logs["loss"]):
+            raise Diverged(self.epoch, logs["loss"])
+        test_loss = logs.get("val_loss")
         if test_loss is not None and not math.isfinite(test_loss):
             raise Diverged(self.epoch, test_loss, test=True)
 
@@ -188,6 +215,10 @@ def train(model, train_batches, test_batches, settings, checkpoint_dir, callback
     history_csv = checkpoint_dir / "history.csv"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     compile_model(model, settings, steps_per_epoch=len(train_batches))
+    if settings.get("cuda_graphs") == "on":  # torch on a GPU: steps recorded once, then replayed
+        from kerasrot.runner import cuda_graphs
+
+        cuda_graphs.install(model, log=log)
     if settings["pipeline"] == "tfdata":
         train_data, test_data = train_batches.as_tf_dataset(), test_batches.as_tf_dataset()
     else:

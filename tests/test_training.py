@@ -194,3 +194,13 @@ def test_label_smoothing_matches_the_one_hot_definition_and_saves(tmp_path):
     model.save(tmp_path / "smoothed.keras")
     loaded = keras.saving.load_model(tmp_path / "smoothed.keras")
     assert loaded.loss.label_smoothing == smoothing
+
+
+def test_warmup_cosine_gives_keras_cosine_decay_rates_without_cond():
+    """`WarmupCosineDecay` (branch-free, for CUDA graphs) is Keras' CosineDecay with warm-up, step for step."""
+    ours = training.WarmupCosineDecay(0.01, decay_steps=30, warmup_target=0.1, warmup_steps=10)
+    keras_own = keras.optimizers.schedules.CosineDecay(0.01, decay_steps=30, warmup_target=0.1, warmup_steps=10)
+    for step in range(0, 45):
+        assert float(ours(step)) == pytest.approx(float(keras_own(step)), rel=1e-6, abs=1e-9)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(ours))
+    assert isinstance(restored, training.WarmupCosineDecay) and float(restored(12)) == float(ours(12))

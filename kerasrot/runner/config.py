@@ -106,6 +106,8 @@ SETTINGS = {
     "channels_last_kernels": Setting(str, "conv kernels in PyTorch's channels_last memory (torch, NCHW); auto: CPU",
                                      ON_OFF, tasks=IMAGE_TASKS),
     "jit_compile": Setting(str, "compile the train step (XLA / torch.compile); auto: JAX only", JIT_COMPILE),
+    "cuda_graphs": Setting(str, "record the train and test steps as CUDA graphs (torch on a GPU); auto: there",
+                           ON_OFF, tasks=IMAGE_TASKS),
     "pipeline": Setting(str, "input pipeline: both make the same batches (kerasrot.pipeline)", PIPELINES),
     "streaming": Setting(str, "read image folders from disk batch by batch; auto: folder:PATH larger than "
                          "a quarter of memory", ON_OFF, tasks=IMAGE_TASKS),
@@ -113,7 +115,7 @@ SETTINGS = {
 }
 # They do not change what a stage computes. (bad_images: a run that stops at a
 # bad file leaves no result, so every result on a folder with bad files skipped them.)
-NOT_IN_KEY = ("pipeline", "streaming", "bad_images", "verbose")
+NOT_IN_KEY = ("pipeline", "streaming", "bad_images", "verbose", "cuda_graphs")
 
 
 @dataclasses.dataclass

@@ -24,6 +24,9 @@ each is a setting whose "auto" this module turns into a choice:
   activations already have (the network's first `Permute` is a view).
   On by default on a CPU only: not measured on a GPU yet.
 * `jit_compile`: on for JAX, which runs op by op uncompiled.
+* `cuda_graphs`: on a CUDA GPU under torch, the train and test steps are
+  recorded once and replayed (`kerasrot.runner.cuda_graphs`): Keras'
+  Python per layer costs about four times the GPU work of a ResNet18 step.
 
 TensorFlow's oneDNN kernels are a sixth choice, made in
 `kerasrot/__init__.py` because TensorFlow reads it when it is imported.
@@ -61,6 +64,9 @@ def resolve(settings):
             settings["channels_last_kernels"] = "on" if fits and not device.has_gpu() else "off"
         elif not fits:
             settings["channels_last_kernels"] = "off"
+    if "cuda_graphs" in settings:  # only where there is CUDA to record
+        graphs = backend == "torch" and device.has_gpu()
+        settings["cuda_graphs"] = "on" if graphs and settings["cuda_graphs"] != "off" else "off"
     if settings["jit_compile"] == "auto":
         # JAX must compile (XLA): uncompiled, Keras runs it op by op, about ten
         # times slower. PyTorch runs eagerly: torch.compile took two minutes
