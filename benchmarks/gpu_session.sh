@@ -35,10 +35,9 @@ fi
   python3 -c "import sys, torch, jax, keras; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'jax', jax.__version__, 'keras', keras.__version__)"
 } 2>&1 | tee "$out/$part-env.txt"
 
-bench() {  # the ResNet18 CIFAR-stem step, batch 128 x 4 rotations, bf16, data on the GPU
-  python3 benchmarks/throughput.py --networks resnet18-cifar --precisions mixed_bfloat16 --skip-pipeline \
-    --repeats 5 --warmup 2 --steps 20 "$@"
-}
+# The ResNet18 CIFAR-stem step, batch 128 x 4 rotations, bf16, data on the GPU.
+bench="python3 benchmarks/throughput.py --networks resnet18-cifar --precisions mixed_bfloat16 --skip-pipeline
+  --repeats 5 --warmup 2 --steps 20"
 
 paper_epochs() {  # the paper rotation stage inside `kerasrot run`, stopped after $seconds
   local backend=$1
@@ -51,13 +50,14 @@ paper_epochs() {  # the paper rotation stage inside `kerasrot run`, stopped afte
   cut -d, -f1- "$out/$backend-history.csv" 2>/dev/null | head -30
 }
 
-if [ "$part" = torch ]; then
-  KERAS_BACKEND=torch timeout 240 bench --variants cf+fbn,cf+fbn+graph+fit,cf+fbn+clk+graph+fit,cl+fbn+graph+fit \
-    --headline cf+fbn+graph+fit 2>&1 | tee "$out/torch-bench.txt"
-  paper_epochs torch
-else
-  KERAS_BACKEND=jax timeout 200 bench --variants cl+jit+fit --headline cl+jit+fit 2>&1 | tee "$out/jax-bench.txt"
+if [ "$part" = torch ] || [ "$part" = all ]; then
+  KERAS_BACKEND=torch timeout 240 $bench --variants "${TORCH_VARIANTS:-cf+fbn,cf+fbn+graph+fit,cf+fbn+clk+graph+fit,cl+fbn+graph+fit}" \
+    --headline cf+fbn+graph+fit ${BENCH_ARGS:-} 2>&1 | tee "$out/torch-bench.txt"
+  [ "$part" = torch ] && paper_epochs torch
+fi
+if [ "$part" = jax ] || [ "$part" = all ]; then
+  KERAS_BACKEND=jax timeout 200 $bench --variants cl+jit+fit --headline cl+jit+fit 2>&1 | tee "$out/jax-bench.txt"
   paper_epochs jax
-  KERAS_BACKEND=torch timeout 150 bench --variants cf+fbn+graph+fit --headline cf+fbn+graph+fit --torch-compile \
+  KERAS_BACKEND=torch timeout 150 $bench --variants cf+fbn+graph+fit --headline cf+fbn+graph+fit --torch-compile \
     2>&1 | tee "$out/torch-compile-bench.txt"
 fi

@@ -44,6 +44,7 @@ use them. The portable model saved for users is not affected.
 """
 
 import contextlib
+import functools
 
 import keras
 
@@ -129,7 +130,7 @@ class CudaGraph:
 
         self.inputs = inputs
         self.graph = torch.cuda.CUDAGraph()
-        with capture_safe(), torch.cuda.graph(self.graph):
+        with capture_safe(), torch.cuda.graph(self.graph, stream=side_stream()):
             self.logs = step(static_data)
         # Capture records the step without running it: `GraphedStep` runs it next.
 
@@ -141,12 +142,25 @@ class CudaGraph:
         """An ordinary Keras step, on a side stream as PyTorch asks of the steps before a capture."""
         import torch
 
-        side = torch.cuda.Stream()
+        side = side_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             logs = step(data)
         torch.cuda.current_stream().wait_stream(side)
         return logs
+
+
+@functools.cache
+def side_stream():
+    """The one stream that eager warm-up steps and captures run on.
+
+    The same stream for both: autograd remembers the stream on which a
+    weight's gradient was first accumulated, and a capture on another
+    stream would add waits between the two to the graph.
+    """
+    import torch
+
+    return torch.cuda.Stream()
 
 
 @contextlib.contextmanager

@@ -95,7 +95,11 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         import torch
 
-        x = inputs.float()  # as the parent: statistics in float32 under mixed precision
+        # Statistics in float32 under mixed precision, as the parent computes them.
+        # PyTorch's CUDA kernel takes bfloat16 activations with float32
+        # weights and accumulates in float32 itself, so on a GPU the two
+        # casts (two more passes over the activations) are left out.
+        x = inputs if inputs.is_cuda else inputs.float()
         if axis == 3:
             x = x.permute(0, 3, 1, 2)  # a view: PyTorch reads it as channels_last memory
         gamma = self.gamma.value if self.scale else None
