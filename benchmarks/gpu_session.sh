@@ -32,7 +32,7 @@ fi
 {
   echo "commit $commit, part $part, $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import sys, torch, jax, keras; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'jax', jax.__version__, 'keras', keras.__version__)"
+  KERAS_BACKEND=torch python3 -c "import sys, torch, jax, keras; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'jax', jax.__version__, 'keras', keras.__version__)"
 } 2>&1 | tee "$out/$part-env.txt"
 
 # The ResNet18 CIFAR-stem step, batch 128 x 4 rotations, bf16, data on the GPU.

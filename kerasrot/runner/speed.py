@@ -118,21 +118,26 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 
 @keras.saving.register_keras_serializable(package="kerasrot")
 class ChannelsLastKernelConv2D(keras.layers.Conv2D):
-    """Keras' Conv2D, handing PyTorch its kernel in channels_last memory (torch backend, NCHW).
+    """Keras' Conv2D, its kernel kept in PyTorch's channels_last memory (torch backend, NCHW).
 
     Same weights, same config, the same convolution: only the memory layout
-    of the kernel tensor that `conv2d` receives changes. Keras permutes the
-    (height, width, in, out) kernel to PyTorch's (out, in, height, width);
-    stored out-major first, that permutation is channels_last-contiguous,
-    which oneDNN convolves without reordering, forward and backward.
+    of the kernel variable changes. Keras stores a (height, width, in, out)
+    kernel and hands PyTorch the (out, in, height, width) permuted view; a
+    kernel stored out-major (memory order out, height, width, in) makes that
+    view channels_last-contiguous, so oneDNN and cuDNN convolve it without
+    reordering it, forward and backward, and the cast to bfloat16 under
+    mixed precision keeps that layout. The variable is laid out once, when
+    the layer is built; every assignment copies into it.
     """
 
-    def convolution_op(self, inputs, kernel):
-        if keras.backend.backend() != "torch" or self.data_format != "channels_first":
-            return super().convolution_op(inputs, kernel)
-        kernel = keras.ops.convert_to_tensor(kernel)  # the variable's value, cast under mixed precision
-        kernel = kernel.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)  # same shape, out-major memory
-        return super().convolution_op(inputs, kernel)
+    def build(self, input_shape):
+        super().build(input_shape)
+        if keras.backend.backend() == "torch" and self.data_format == "channels_first":
+            import torch
+
+            value = self.kernel._value  # the variable's torch.nn.Parameter (Keras tracks it after `build`)
+            out_major = value.detach().permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)  # same shape
+            self.kernel._value = torch.nn.Parameter(out_major, requires_grad=value.requires_grad)
 
 
 # Each on/off speed setting that swaps a stock Keras layer for a faster stand-in.
