@@ -406,7 +406,7 @@ def main(argv=None):
         x = rng.uniform(0, 255, size=(samples, 32, 32, 3)).astype("float32")
         y = np.tile(np.arange(NUM_ROTATIONS, dtype="int32"), args.batch)
         variants = []
-        for text in args.variants.split(","):
+        for text in dict.fromkeys(args.variants.split(",")):  # each once: rows are keyed by variant
             v = Variant(text)
             if v.spe > 1 and backend == "torch":  # Keras 3.15 raises ValueError
                 print(f"variant {text}: skipped, steps_per_execution must be 1 on torch")
