@@ -106,11 +106,12 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         beta = self.beta.value if self.center else None
         y, batch_mean, inverse_std = torch.native_batch_norm(x, gamma, beta, None, None, True, 0.0, self.epsilon)
         with torch.no_grad():
-            batch_variance = inverse_std.pow(-2) - self.epsilon
-            self.moving_mean.assign(self.moving_mean * self.momentum + batch_mean * (1.0 - self.momentum))
-            self.moving_variance.assign(
-                self.moving_variance * self.momentum + batch_variance * (1.0 - self.momentum)
-            )
+            # Keras' update, moving * momentum + batch * (1 - momentum), as one
+            # in-place `lerp_` per statistic: two kernels where Keras' ops take
+            # a dozen, which count inside a CUDA graph of small kernels.
+            weight = 1.0 - self.momentum
+            self.moving_mean.value.lerp_(batch_mean, weight)
+            self.moving_variance.value.lerp_(inverse_std.pow(-2).sub_(self.epsilon), weight)
         if axis == 3:
             y = y.permute(0, 2, 3, 1)
         return keras.ops.cast(y, self.compute_dtype)
