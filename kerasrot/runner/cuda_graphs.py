@@ -169,7 +169,9 @@ def capture_safe():
 
     Inside a Keras step every number that `torch.as_tensor` receives is a
     constant of the step (a batch size, an epsilon, `1` for the iteration
-    count), so recording it as a fill kernel is exact. `torch._foreach_add_`
+    count), so recording it as a fill kernel is exact. One fill per call,
+    never one shared tensor per number: Keras adds into some of them in
+    place (PiecewiseConstantDecay's `result_value += ...`). `torch._foreach_add_`
     with a tensor `alpha` (Keras' SGD) becomes `_foreach_add_` of
     `_foreach_mul(other, alpha)`: the same update, without `.item()`.
     """
