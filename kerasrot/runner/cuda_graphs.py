@@ -110,8 +110,10 @@ class HostLogs:
     def __init__(self, logs):
         import torch
 
-        self.logs = keras.tree.map_structure(
-            lambda value: value.to("cpu", non_blocking=True, copy=True) if isinstance(value, torch.Tensor) else value, logs)
+        def to_host(value):
+            return value.to("cpu", non_blocking=True, copy=True) if isinstance(value, torch.Tensor) else value
+
+        self.logs = keras.tree.map_structure(to_host, logs)
         self.done = torch.cuda.Event() if torch.cuda.is_available() else None
         if self.done is not None:
             self.done.record()
