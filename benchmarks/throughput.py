@@ -237,7 +237,7 @@ class KerasStep:
         self.x, self.y = ops.convert_to_tensor(x), ops.convert_to_tensor(y)
         self.steps = max(steps, variant.spe)
         self.steps -= self.steps % variant.spe
-        self.batches = SameBatch(self.x, self.y, self.steps)
+        self.batches = SameBatch(self.x, self.y, self.steps) if variant.fit else None
 
     def __call__(self):
         start = time.perf_counter()

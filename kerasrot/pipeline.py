@@ -13,10 +13,10 @@ Two pipelines run those steps, in different places (`--pipeline`):
 * `memory`: `Batches`, a `keras.utils.PyDataset`; `keras.ops` does the pixel
   work on the backend's device. Needs no TensorFlow; the default, and the
   faster on the machines we measured (results/benchmarks.md). Under torch
-  on a CUDA GPU, NumPy does it on the host instead and the batch goes to
-  the GPU in one copy that does not wait: there every `keras.ops` call
-  with a Python number or array copies it to the GPU and waits for the
-  GPU to finish its queued steps (`upload`).
+  on a CUDA GPU, `keras.ops` does it on the host's CPU instead and the
+  batch goes to the GPU in one copy that does not wait: there every
+  `keras.ops` call with a Python number or array copies it to the GPU and
+  waits for the GPU to finish its queued steps (`upload`).
 * `tfdata`: `Batches.as_tf_dataset()`, a `tf.data.Dataset` that runs the
   same functions as `tensorflow.experimental.numpy` in tf.data's threads,
   prefetching while the model trains.
@@ -27,6 +27,7 @@ the batches in flight, not the dataset, and a resumed epoch reads the same
 files in the same order.
 """
 
+import contextlib
 import math
 
 import keras
@@ -132,11 +133,9 @@ class Batches(keras.utils.PyDataset):
                                                                     self.epoch_length)))
         indices = self.plan.order[part]
         arrays = self.images[indices], self.labels[indices], self.plan.offsets[part], self.plan.flips[part]
-        if self.on_host:
-            with keras.device("cpu"):
-                images, labels = self.make_batch(*(keras.ops.convert_to_tensor(array) for array in arrays))
-            return upload(images), upload(labels)
-        return self.make_batch(*(keras.ops.convert_to_tensor(array) for array in arrays))
+        with keras.device("cpu") if self.on_host else contextlib.nullcontext():
+            images, labels = self.make_batch(*(keras.ops.convert_to_tensor(array) for array in arrays))
+        return upload(images), upload(labels)
 
     def this_process(self, part):
         """This process's share of the batch `part`: `1 / process_count` of its images, in order.

@@ -66,14 +66,15 @@ class WarmupCosineDecay(keras.optimizers.schedules.CosineDecay):
     def __call__(self, step):
         if self.warmup_target is None:
             return super().__call__(step)
-        dtype = keras.ops.convert_to_tensor(self.initial_learning_rate).dtype
-        warmup_steps = keras.ops.cast(self.warmup_steps, dtype)
-        step = keras.ops.minimum(keras.ops.cast(step, dtype), keras.ops.cast(self.decay_steps, dtype) + warmup_steps)
-        warmup = self._warmup_function(step, warmup_steps, keras.ops.cast(self.warmup_target, dtype),
-                                       keras.ops.convert_to_tensor(self.initial_learning_rate))
-        decay = self._decay_function(step - warmup_steps, keras.ops.cast(self.decay_steps, dtype),
-                                     keras.ops.cast(self.warmup_target, dtype), dtype)
-        return keras.ops.where(step < warmup_steps, warmup, decay)
+        ops = keras.ops
+        initial = ops.convert_to_tensor(self.initial_learning_rate)
+        dtype = initial.dtype
+        warmup_steps, decay_steps = ops.cast(self.warmup_steps, dtype), ops.cast(self.decay_steps, dtype)
+        target = ops.cast(self.warmup_target, dtype)
+        step = ops.minimum(ops.cast(step, dtype), decay_steps + warmup_steps)
+        warmup = self._warmup_function(step, warmup_steps, target, initial)
+        decay = self._decay_function(step - warmup_steps, decay_steps, target, dtype)
+        return ops.where(step < warmup_steps, warmup, decay)
 
 
 def make_optimizer(settings, steps_per_epoch):
