@@ -80,11 +80,13 @@ class WarmupCosineDecay(keras.optimizers.schedules.CosineDecay):
 def make_optimizer(settings, steps_per_epoch):
     schedule = learning_rate_schedule(settings, steps_per_epoch)
     decay = settings["weight_decay"] or None
+    # A rare batch can have a gradient 20x the usual; clipping its global
+    # norm keeps that one step from undoing a short run's progress.
+    clip = settings["global_clipnorm"] or None
     if settings["optimizer"] == "sgd":
-        return keras.optimizers.SGD(
-            schedule, momentum=settings["momentum"], nesterov=settings["nesterov"], weight_decay=decay
-        )
-    return keras.optimizers.AdamW(schedule, weight_decay=settings["weight_decay"])
+        return keras.optimizers.SGD(schedule, momentum=settings["momentum"], nesterov=settings["nesterov"],
+                                    weight_decay=decay, global_clipnorm=clip)
+    return keras.optimizers.AdamW(schedule, weight_decay=settings["weight_decay"], global_clipnorm=clip)
 
 
 @keras.saving.register_keras_serializable(package="kerasrot")

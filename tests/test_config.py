@@ -106,6 +106,19 @@ def test_settings_that_do_not_change_results_keep_the_keys():
     assert [s.key for s in config.load("table2", "quick", overrides).stages] == plain
 
 
+def test_a_setting_added_later_keeps_earlier_keys_until_it_is_set():
+    stages = config.load("table2", "paper").stages  # paper leaves global_clipnorm at 0, "off"
+    plain = [s.key for s in stages]
+    for stage in stages:  # as stages were before the setting existed
+        del stage.settings["global_clipnorm"]
+    config.key_stages(stages)
+    assert [s.key for s in stages] == plain
+    clipped = {s.name: s.key for s in config.load(
+        "table2", "paper", config.parse_overrides(["rotation.global_clipnorm=2"])).stages}
+    assert clipped["rotation"] != plain[0]
+    assert clipped["last_block.random_init"] == plain[2]
+
+
 def test_keys_include_the_runner_context():
     stages = config.load("table1", "quick").stages
     config.key_stages(stages, context={"data": "/a"})

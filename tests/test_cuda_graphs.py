@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch", reason="CUDA
 
 SETTINGS = {
     "learning_rate": 0.002, "schedule": "cosine", "warmup_epochs": 1, "epochs": 2, "optimizer": "sgd",
-    "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3, "label_smoothing": 0.0, "jit_compile": "off",
+    "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3, "global_clipnorm": 0.0, "label_smoothing": 0.0, "jit_compile": "off",
 }
 
 
@@ -71,10 +71,10 @@ def _batch(size=8):
              torch.as_tensor(rng.integers(0, 4, size).astype("int32")))]
 
 
-@pytest.mark.parametrize("schedule,label_smoothing", [("cosine", 0.0), ("step", 0.1)])
-def test_capture_safe_leaves_no_host_reads_and_the_same_step(schedule, label_smoothing):
+@pytest.mark.parametrize("schedule,label_smoothing,clip", [("cosine", 0.0, 0.0), ("step", 0.1, 1e-3)])
+def test_capture_safe_leaves_no_host_reads_and_the_same_step(schedule, label_smoothing, clip):
     settings = {**SETTINGS, "schedule": schedule, "step_epochs": [1], "step_gamma": 0.2,
-                "label_smoothing": label_smoothing}
+                "label_smoothing": label_smoothing, "global_clipnorm": clip}
     results = {}
     for safe in (False, True):
         model = training.compile_model(_model("mixed_bfloat16"), settings, steps_per_epoch=2)

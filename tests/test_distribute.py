@@ -50,7 +50,7 @@ SAME_TRAINING = """
 
     SETTINGS = {
         "epochs": 3, "learning_rate": 0.001, "schedule": "cosine", "warmup_epochs": 1, "step_epochs": [],
-        "step_gamma": 0.1, "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3,
+        "step_gamma": 0.1, "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3, "global_clipnorm": 0.0,
         "label_smoothing": 0.0, "pipeline": "memory", "verbose": 0, "jit_compile": "on",
     }
 

@@ -152,7 +152,7 @@ def test_both_pipelines_train_a_model_alike_inside_fit_epoch_after_epoch(tmp_pat
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(24, 32, 32, 3)).astype("uint8")
     settings = {"epochs": 3, "learning_rate": 0.02, "schedule": "constant", "optimizer": "sgd", "momentum": 0.9,
-                "nesterov": False, "weight_decay": 0.0, "label_smoothing": 0.0,
+                "nesterov": False, "weight_decay": 0.0, "global_clipnorm": 0.0, "label_smoothing": 0.0,
                 "jit_compile": "on" if keras.backend.backend() == "jax" else "off"}
     keras.utils.set_random_seed(0)
     start = models.build_model("resnet18", 4, stem="imagenet").get_weights()

@@ -9,7 +9,7 @@ from kerasrot.pipeline import Batches
 
 SETTINGS = {
     "epochs": 4, "learning_rate": 0.05, "schedule": "cosine", "warmup_epochs": 1, "step_epochs": [2],
-    "step_gamma": 0.1, "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3,
+    "step_gamma": 0.1, "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3, "global_clipnorm": 0.0,
     "label_smoothing": 0.0, "pipeline": "memory", "verbose": 0,
     "jit_compile": "on" if keras.backend.backend() == "jax" else "off",  # as runs do: JAX is slow uncompiled
 }
@@ -163,6 +163,23 @@ def test_every_optimizer_and_schedule_builds_and_steps(optimizer, schedule):
     before = keras.ops.convert_to_numpy(model.weights[0]).copy()
     model.train_on_batch(np.eye(4, dtype="float32"), np.arange(4))
     assert not np.array_equal(before, keras.ops.convert_to_numpy(model.weights[0]))
+
+
+def test_global_clipnorm_bounds_each_update_and_zero_leaves_it():
+    settings = {**SETTINGS, "schedule": "constant", "learning_rate": 1.0, "momentum": 0.0, "nesterov": False,
+                "weight_decay": 0.0}
+    x, y = np.full((4, 4), 100.0, dtype="float32"), np.arange(4)  # large inputs: a large gradient
+    steps = {}
+    for clip in (0.0, 0.5):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4)])
+        training.compile_model(model, {**settings, "global_clipnorm": clip}, steps_per_epoch=1)
+        before = [keras.ops.convert_to_numpy(w).copy() for w in model.weights]
+        model.train_on_batch(x, y)
+        after = [keras.ops.convert_to_numpy(w) for w in model.weights]
+        steps[clip] = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(after, before)))
+    assert steps[0.0] > 10  # unclipped, the step is the whole gradient
+    assert steps[0.5] == pytest.approx(0.5, rel=1e-4)  # learning rate 1 x the clipped norm
 
 
 def test_schedules_follow_their_definition():

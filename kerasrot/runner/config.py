@@ -89,6 +89,8 @@ SETTINGS = {
     "momentum": Setting(float, "SGD momentum", minimum=0, below=1),
     "nesterov": Setting(bool, "SGD Nesterov momentum"),
     "weight_decay": Setting(float, "decoupled weight decay (Keras' form)", minimum=0),
+    "global_clipnorm": Setting(float, "rescale the gradients when their global norm is above this (0: never)",
+                               minimum=0),
     "schedule": Setting(str, "learning-rate schedule", SCHEDULES),
     "warmup_epochs": _count("cosine: epochs of linear warm-up", minimum=0),
     "step_epochs": Setting(list, "step: epochs at which the rate is multiplied by step_gamma", minimum=1),
@@ -116,6 +118,9 @@ SETTINGS = {
 # They do not change what a stage computes. (bad_images: a run that stops at a
 # bad file leaves no result, so every result on a folder with bad files skipped them.)
 NOT_IN_KEY = ("pipeline", "streaming", "bad_images", "verbose", "cuda_graphs")
+# Settings added after stages were trained, with the value that means "as
+# before": at that value they are left out of the key, so earlier stages stay cached.
+KEY_ONLY_WHEN_SET = {"global_clipnorm": 0.0}
 
 
 @dataclasses.dataclass
@@ -353,7 +358,8 @@ def key_stages(stages, context=None, where="recipe"):
     """
     keys, by_name = {}, {}
     for stage in stages:
-        identity = {k: v for k, v in stage.settings.items() if k not in NOT_IN_KEY}
+        identity = {k: v for k, v in stage.settings.items()
+                    if k not in NOT_IN_KEY and not (k in KEY_ONLY_WHEN_SET and v == KEY_ONLY_WHEN_SET[k])}
         identity.update(context or {}, task=stage.task)
         if stage.settings.get("init", "random") != "random":
             init = stage.settings["init"]
