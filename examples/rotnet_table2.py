@@ -61,8 +61,9 @@ args, _ = parser.parse_known_args()  # known args only: notebooks pass their own
 1,000 images per class, 20 rotation epochs, 5 classification epochs, SGD
 with Nesterov momentum and a one-cycle (warm-up, then cosine) learning
 rate: the `quick` preset of `kerasrot run table2` until commit 7448cec. The
-preset now trains its rotation stage 8 epochs, on 10,000 images drawn each
-epoch from all 50,000 and without crop + flip, in half the time
+preset now trains its rotation stage 7 epochs, on 10,000 images drawn each
+epoch from all 50,000, without crop + flip and with its gradients clipped,
+in under half the time
 (results/backends.md, "The quick preset"); this file keeps the longer
 protocol, whose numbers are below. `--tiny`
 shrinks it to seconds per stage, too small to show anything but that the

@@ -18,6 +18,8 @@ is "constant", "step" (x`step_gamma` at each of `step_epochs`) or "cosine"
 `weight_decay` is Keras' decoupled decay (`w -= lr * wd * w` each step), for
 every optimiser; with SGD momentum 0.9 it is about ten times weaker than the
 same number in PyTorch's coupled L2 form, and the presets account for that.
+`global_clipnorm` (0: off) is Keras' own: when all the gradients together
+have a larger norm, they are scaled down to it before the update.
 """
 
 import csv
