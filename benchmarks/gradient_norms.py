@@ -37,10 +37,14 @@ def main():
     args = parser.parse_args()
     if keras.backend.backend() != "torch":
         parser.error("torch backend only")
+    with tempfile.TemporaryDirectory(prefix="kerasrot-gradient-norms-") as scratch:  # its checkpoints go too
+        print_norms(args, Path(scratch))
+
+
+def print_norms(args, scratch):
     import torch
 
     recipe = config.load(args.recipe, args.preset, config.parse_overrides(args.set))
-    scratch = Path(tempfile.mkdtemp(prefix="kerasrot-gradient-norms-"))
     options = stages.RunOptions(data_dir=args.data_dir, workdir=scratch)
     stages.resolve_stages(recipe, options)
     stage = next(s for s in recipe.stages if s.task == "rotation")

@@ -350,6 +350,10 @@ def _setting_order(key):
     return list(SETTINGS).index(key) if key in SETTINGS else len(SETTINGS)
 
 
+def _in_key(key, value):
+    return key not in NOT_IN_KEY and not (key in KEY_ONLY_WHEN_SET and value == KEY_ONLY_WHEN_SET[key])
+
+
 def key_stages(stages, context=None, where="recipe"):
     """Gives each stage a key: a hash of what decides its result.
 
@@ -358,8 +362,7 @@ def key_stages(stages, context=None, where="recipe"):
     """
     keys, by_name = {}, {}
     for stage in stages:
-        identity = {k: v for k, v in stage.settings.items()
-                    if k not in NOT_IN_KEY and not (k in KEY_ONLY_WHEN_SET and v == KEY_ONLY_WHEN_SET[k])}
+        identity = {k: v for k, v in stage.settings.items() if _in_key(k, v)}
         identity.update(context or {}, task=stage.task)
         if stage.settings.get("init", "random") != "random":
             init = stage.settings["init"]
