@@ -51,17 +51,20 @@ def print_norms(args, scratch):
     model, train_batches, test_batches, _ = stages.stage_model_and_data(stage, options)
 
     norms = []
-    plain_apply = keras.optimizers.Optimizer.apply
-
-    def apply_and_record(optimizer, grads, variables=None):
-        grads = list(grads)
-        if grads and isinstance(grads[0], torch.Tensor):  # not the symbolic call that builds the optimiser
-            norms.append(float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))))
-        return plain_apply(optimizer, grads, variables)
-
-    keras.optimizers.Optimizer.apply = apply_and_record  # the torch trainer calls `optimizer.apply` each step
 
     class Report(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            # The torch trainer hands each step's gradients to `optimizer.apply`,
+            # which clips them (when set) and updates: wrap this one optimiser's.
+            plain_apply = self.model.optimizer.apply
+
+            def apply_and_record(grads, variables=None):
+                grads = list(grads)
+                norms.append(float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))))
+                return plain_apply(grads, variables)
+
+            self.model.optimizer.apply = apply_and_record
+
         def on_epoch_end(self, epoch, logs=None):
             n = np.array(norms[-len(train_batches):])
             print(f"epoch {epoch + 1}: steps {len(n)}, norm median {np.median(n):.2f}, "

@@ -19,12 +19,10 @@ import pytest
 
 from kerasrot import models, training
 from kerasrot.runner import device, files, speed, stages
+import test_training  # a sibling module (pytest puts tests/ on the path): its SETTINGS
 
 OTHER_BACKENDS = [b for b in ("torch", "jax", "tensorflow") if b != keras.backend.backend() and importlib.util.find_spec(b)]
-SETTINGS = {
-    "learning_rate": 0.05, "schedule": "constant", "epochs": 1, "optimizer": "sgd", "momentum": 0.9,
-    "nesterov": True, "weight_decay": 5e-3, "global_clipnorm": 0.0, "label_smoothing": 0.0, "jit_compile": "off",
-}
+SETTINGS = {**test_training.SETTINGS, "schedule": "constant", "epochs": 1, "jit_compile": "off"}
 
 LOAD_AND_PREDICT = """
 import json, sys

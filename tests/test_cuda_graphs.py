@@ -22,13 +22,11 @@ import pytest
 from kerasrot import models, training
 from kerasrot.pipeline import Batches
 from kerasrot.runner import cuda_graphs, speed
+import test_training  # a sibling module (pytest puts tests/ on the path): its SETTINGS
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch", reason="CUDA graphs are for the torch backend")
 
-SETTINGS = {
-    "learning_rate": 0.002, "schedule": "cosine", "warmup_epochs": 1, "epochs": 2, "optimizer": "sgd",
-    "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3, "global_clipnorm": 0.0, "label_smoothing": 0.0, "jit_compile": "off",
-}
+SETTINGS = {**test_training.SETTINGS, "learning_rate": 0.002, "epochs": 2}
 
 
 def _host_reads_mode():
@@ -216,8 +214,6 @@ def test_cuda_graphs_resolve_on_only_with_torch_on_a_gpu():
 
 def test_a_graphed_stage_resumes_exactly(tmp_path, monkeypatch):
     """Killed after epoch 2 of 3 and started again, a stage with recorded steps ends as one run straight through."""
-    import test_training
-
     monkeypatch.setattr(cuda_graphs, "CudaGraph", ReplayGraph)  # what training.train installs, on a CPU
     settings = {**test_training.SETTINGS, "epochs": 3, "cuda_graphs": "on"}
     straight, train, test = test_training._fresh_stage()

@@ -46,13 +46,9 @@ SAME_TRAINING = """
     from kerasrot import models, training
     from kerasrot.pipeline import Batches
     from kerasrot.runner import distribute
-    from tests.test_training import StopAfter
+    from tests.test_training import SETTINGS as TRAINING_SETTINGS, StopAfter
 
-    SETTINGS = {
-        "epochs": 3, "learning_rate": 0.001, "schedule": "cosine", "warmup_epochs": 1, "step_epochs": [],
-        "step_gamma": 0.1, "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3, "global_clipnorm": 0.0,
-        "label_smoothing": 0.0, "pipeline": "memory", "verbose": 0, "jit_compile": "on",
-    }
+    SETTINGS = {**TRAINING_SETTINGS, "epochs": 3, "learning_rate": 0.001, "step_epochs": [], "jit_compile": "on"}
 
     def network():
         if "MODEL" == "resnet18":

@@ -7,6 +7,7 @@ import pytest
 from kerasrot import data, models, training
 from kerasrot.pipeline import Batches, EpochSetter
 from kerasrot.rotations import CROP_PADDING, crop_and_flip, four_rotations
+import test_training  # a sibling module (pytest puts tests/ on the path): its SETTINGS
 
 
 def as_numpy(x):
@@ -151,9 +152,8 @@ def test_both_pipelines_train_a_model_alike_inside_fit_epoch_after_epoch(tmp_pat
     pytest.importorskip("tensorflow")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(24, 32, 32, 3)).astype("uint8")
-    settings = {"epochs": 3, "learning_rate": 0.02, "schedule": "constant", "optimizer": "sgd", "momentum": 0.9,
-                "nesterov": False, "weight_decay": 0.0, "global_clipnorm": 0.0, "label_smoothing": 0.0,
-                "jit_compile": "on" if keras.backend.backend() == "jax" else "off"}
+    settings = {**test_training.SETTINGS, "epochs": 3, "learning_rate": 0.02, "schedule": "constant",
+                "nesterov": False, "weight_decay": 0.0}
     keras.utils.set_random_seed(0)
     start = models.build_model("resnet18", 4, stem="imagenet").get_weights()
     trained = {}

@@ -7,10 +7,12 @@ import pytest
 from kerasrot import models, training
 from kerasrot.pipeline import Batches
 
+# Every setting training.py reads: the other test modules start from these
+# and change what they need, so a new setting is added here only.
 SETTINGS = {
     "epochs": 4, "learning_rate": 0.05, "schedule": "cosine", "warmup_epochs": 1, "step_epochs": [2],
-    "step_gamma": 0.1, "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3, "global_clipnorm": 0.0,
-    "label_smoothing": 0.0, "pipeline": "memory", "verbose": 0,
+    "step_gamma": 0.1, "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3,
+    "global_clipnorm": 0.0, "label_smoothing": 0.0, "pipeline": "memory", "verbose": 0,
     "jit_compile": "on" if keras.backend.backend() == "jax" else "off",  # as runs do: JAX is slow uncompiled
 }
 
