@@ -1,43 +1,96 @@
 #!/usr/bin/env bash
-# One lease of a lent GPU machine (DEVELOPERS.md, "GPU issues"): the speed
-# checks of the torch and JAX backends, prepared on a CPU and run as is.
+# One lease of a lent GPU machine (DEVELOPERS.md, "GPU issues"), prepared on a
+# CPU and run as is.
 #
-#   bash benchmarks/gpu_session.sh PART COMMIT
+#   bash benchmarks/gpu_session.sh prepare           # here, where git is, before the lease
+#   bash benchmarks/gpu_session.sh paper RECIPE...   # there: `kerasrot run RECIPE --preset paper`, each in turn
+#   bash benchmarks/gpu_session.sh torch|jax|all     # there: the speed checks of each backend
 #
-# PART: torch (the benchmark's torch rows, then `kerasrot run table1 --preset
-# paper` on torch for EPOCH_SECONDS) or jax (the same for JAX, plus the
-# torch.compile row). COMMIT: the commit whose code runs (the device machine's
-# copy has no .git), printed into every log.
+# `prepare` refuses a tree whose kerasrot/ or recipes/ differ from HEAD, then
+# writes .device/commit-manifest: the commit, then `git ls-files -s` of those
+# folders. The machine's copy has no .git; kerasrot reads the manifest
+# (KERASROT_COMMIT_MANIFEST) and records the commit, checked file by file
+# against git's blob hashes, in every result's provenance.
 #
-# Needs, in .device/ (ignored by .git/info/exclude, named in `carry`): the
-# keras, namex and optree wheels for CPython 3.12 under whl/, and
-# cifar10-jpeg.tar.gz. The machine has PyTorch, JAX, NumPy, Pillow, click and
-# matplotlib, no Keras and no TensorFlow. Logs go to $OUT.
+# `paper` keeps its work directory and results in .lease/ (ignored by
+# .git/info/exclude and never carried, so a call's copy of the tree does not
+# replace it), which a warm machine keeps between calls: the same
+# command sent again resumes the stage it stopped in and skips recipes that
+# finished. It stops itself after $DEADLINE seconds (default 560), in time
+# to pack results/ and the stages' histories into $OUT/paper.tgz.
+# $PAPER_ARGS is added to each run (on a CPU, a tiny `--set` run checks the
+# script itself).
+#
+# Needs, in .device/ (named in `carry`): commit-manifest, the keras, namex and optree wheels
+# for CPython 3.12 under whl/, and cifar10-jpeg.tar.gz (imagenette-96px.tar.gz
+# for the imagenette recipe). The machine has PyTorch, JAX, NumPy, Pillow,
+# click and matplotlib, no Keras and no TensorFlow. Logs go to $OUT.
 set -u
-part=${1:?torch or jax}
-commit=${2:?commit}
-seconds=${EPOCH_SECONDS:-150}
+part=${1:?prepare, paper, torch, jax or all}
+shift
+started=$SECONDS
+
+if [ "$part" = prepare ]; then
+  if [ -n "$(git status --porcelain -- kerasrot recipes)" ]; then
+    echo "kerasrot/ or recipes/ differ from HEAD: commit first, so results name the code that ran" >&2
+    exit 1
+  fi
+  mkdir -p .device
+  { git rev-parse HEAD; git ls-files -s -- kerasrot recipes; } > .device/commit-manifest
+  echo "commit $(head -1 .device/commit-manifest) in .device/commit-manifest"
+  exit 0
+fi
+
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export KERASROT_COMMIT_MANIFEST=$PWD/.device/commit-manifest
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
+[ -f "$KERASROT_COMMIT_MANIFEST" ] || { echo "no .device/commit-manifest: run the prepare part first" >&2; exit 1; }
 
 if [ ! -d /tmp/site/keras ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .device/whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD
-if [ ! -d /tmp/data/cifar10 ]; then
-  mkdir -p /tmp/data && tar -xzf .device/cifar10-jpeg.tar.gz -C /tmp/data || exit 1
-fi
+for data in cifar10 imagenette; do
+  if [ ! -d /tmp/data/$data ] && ls .device/$data*.tar.gz >/dev/null 2>&1; then
+    mkdir -p /tmp/data && tar -xzf .device/$data*.tar.gz -C /tmp/data || exit 1
+  fi
+done
 {
-  echo "commit $commit, part $part, $(date -u +%FT%TZ)"
+  echo "commit $(head -1 "$KERASROT_COMMIT_MANIFEST"), part $part $*, $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   KERAS_BACKEND=torch python3 -c "import sys, torch, jax, keras; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'jax', jax.__version__, 'keras', keras.__version__)"
+  KERAS_BACKEND=torch python3 -c "from kerasrot.runner.reporting import git_commit; print('recorded commit', git_commit())"
 } 2>&1 | tee "$out/$part-env.txt"
+
+if [ "$part" = paper ]; then
+  deadline=${DEADLINE:-560}
+  for recipe in "$@"; do
+    if [ -f .lease/results/$recipe/paper/metrics.json ]; then
+      echo "== $recipe: finished in an earlier call"; continue
+    fi
+    left=$((deadline - (SECONDS - started)))
+    [ "$left" -gt 30 ] || { echo "== $recipe: not started, $left s left"; break; }
+    echo "== $recipe: $left s left, $(date -u +%T)"
+    # Keras' torch backend (with CUDA graphs) is the default; stopped mid-stage, the next call resumes it.
+    KERAS_BACKEND=torch timeout "$left" python3 -m kerasrot run "$recipe" --preset paper \
+      --data-dir /tmp/data --workdir .lease/wd --results .lease/results ${PAPER_ARGS:-} 2>&1 | tee -a "$out/paper-run.txt" \
+      | grep -v "^Epoch \|time left\|min left"
+  done
+  mkdir -p .lease/results/histories
+  for stage in .lease/wd/stages/*/; do
+    cp "$stage/checkpoints/history.csv" ".lease/results/histories/$(basename "$stage").csv" 2>/dev/null
+  done
+  tar -czf "$out/paper.tgz" -C .lease results
+  echo "== packed $(tar -tzf "$out/paper.tgz" | wc -l) entries, $((SECONDS - started)) s"
+  exit 0
+fi
 
 # The ResNet18 CIFAR-stem step, batch 128 x 4 rotations, bf16, data on the GPU.
 bench="python3 benchmarks/throughput.py --networks resnet18-cifar --precisions mixed_bfloat16 --skip-pipeline
   --repeats 5 --warmup 2 --steps 20"
+seconds=${EPOCH_SECONDS:-150}
 
 paper_epochs() {  # the paper rotation stage inside `kerasrot run`, stopped after $seconds
   local backend=$1
@@ -53,11 +106,11 @@ paper_epochs() {  # the paper rotation stage inside `kerasrot run`, stopped afte
 if [ "$part" = torch ] || [ "$part" = all ]; then
   KERAS_BACKEND=torch timeout 240 $bench --variants "${TORCH_VARIANTS:-cf+fbn,cf+fbn+graph+fit,cf+fbn+clk+graph+fit,cl+fbn+graph+fit}" \
     --headline cf+fbn+graph+fit ${BENCH_ARGS:-} 2>&1 | tee "$out/torch-bench.txt"
-  [ "$part" = torch ] && paper_epochs torch
+  [ "$part" = torch ] && [ "$seconds" -gt 0 ] && paper_epochs torch
 fi
 if [ "$part" = jax ] || [ "$part" = all ]; then
   KERAS_BACKEND=jax timeout 200 $bench --variants cl+jit+fit --headline cl+jit+fit 2>&1 | tee "$out/jax-bench.txt"
-  paper_epochs jax
+  [ "$seconds" -gt 0 ] && paper_epochs jax
   KERAS_BACKEND=torch timeout 150 $bench --variants cf+fbn+graph+fit --headline cf+fbn+graph+fit --torch-compile \
     2>&1 | tee "$out/torch-compile-bench.txt"
 fi

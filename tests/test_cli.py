@@ -300,3 +300,32 @@ def test_the_epochs_cell_names_the_images_of_an_epoch_where_it_is_not_one_pass()
 
     assert _epochs({"settings": {"epochs": 8, "samples_per_epoch": 10000}, "train_images": 50000}) == "8 x 10000 images"
     assert _epochs({"settings": {"epochs": 5, "samples_per_epoch": None}, "train_images": 10000}) == "5"
+
+
+def test_a_copy_without_git_names_its_commit_through_a_manifest_checked_file_by_file(tmp_path):
+    """A lent GPU machine gets the tree without .git: the manifest, made where git is, names the commit."""
+    from kerasrot.runner.reporting import commit_from_manifest
+
+    repo = tmp_path / "repo"
+    (repo / "kerasrot" / "__pycache__").mkdir(parents=True)
+    (repo / "recipes").mkdir()
+    (repo / "kerasrot" / "models.py").write_text("WIDTH = 64\n")
+    (repo / "recipes" / "table1.toml").write_text('title = "t"\n')
+    (repo / "kerasrot" / "recipes").symlink_to("../recipes")
+    git = ["git", "-C", repo, "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "one"]):
+        subprocess.run(git + command, check=True, capture_output=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout
+    listed = subprocess.run(git + ["ls-files", "-s", "--", "kerasrot", "recipes"],
+                            check=True, capture_output=True, text=True).stdout
+    manifest = tmp_path / "manifest"
+    manifest.write_text(head + listed)
+    (repo / "kerasrot" / "__pycache__" / "models.cpython-312.pyc").write_bytes(b"\0")  # ignored, as git does
+    subprocess.run(["rm", "-rf", repo / ".git"], check=True)
+
+    assert commit_from_manifest(repo, manifest) == head.strip()
+    (repo / "kerasrot" / "models.py").write_text("WIDTH = 65\n")
+    assert commit_from_manifest(repo, manifest) == head.strip() + "-dirty"
+    (repo / "kerasrot" / "models.py").write_text("WIDTH = 64\n")
+    (repo / "recipes" / "extra.toml").write_text("")  # a file the commit does not have
+    assert commit_from_manifest(repo, manifest) == head.strip() + "-dirty"

@@ -6,7 +6,9 @@ everything else in `results/<recipe>/<preset>/` is rendered from it, so
 """
 
 import csv
+import hashlib
 import io
+import os
 import platform
 import subprocess
 import sys
@@ -26,21 +28,61 @@ def results_dir(root, recipe, preset, backend_name):
     return Path(root) / recipe / f"{preset}{suffix}"
 
 
+# Results depend on the package and the recipes only: changes elsewhere
+# (tests, benchmarks, docs) do not make a result irreproducible.
+SOURCE_FOLDERS = ("kerasrot", "recipes")
+# A machine that received a copy of the tree without .git (a lent GPU machine)
+# names its commit through a manifest made where git is: the commit on the
+# first line, then `git ls-files -s -- kerasrot recipes` (benchmarks/gpu_session.sh).
+MANIFEST_VARIABLE = "KERASROT_COMMIT_MANIFEST"
+
+
 def git_commit():
-    here = Path(__file__).resolve().parent
+    """The commit whose code runs, with "-dirty" if kerasrot/ or recipes/ differ from it."""
+    root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
-        # Results depend on the package and the recipes only: changes elsewhere
-        # (tests, benchmarks, docs) do not make a result irreproducible.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", ":/kerasrot", ":/recipes"],
-            cwd=here, capture_output=True, text=True, check=True,
+            ["git", "status", "--porcelain", "--", *(f":/{folder}" for folder in SOURCE_FOLDERS)],
+            cwd=root, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
+        manifest = os.environ.get(MANIFEST_VARIABLE)
+        return commit_from_manifest(root, manifest) if manifest else "unknown (not a git checkout)"
     return commit + ("-dirty" if dirty else "")
+
+
+def commit_from_manifest(root, manifest):
+    """The manifest's commit, "-dirty" unless every source file has the blob hash git recorded.
+
+    Git names a file's content by sha1(b"blob <size>\\0" + content) (a link's
+    content is its target), so the check needs no git, only the files.
+    """
+    lines = Path(manifest).read_text().splitlines()
+    commit, recorded = lines[0].strip(), {}
+    for line in lines[1:]:
+        fields, name = line.split("\t", 1)  # "<mode> <blob> <stage>\t<path>"
+        recorded[name] = fields.split()[1]
+    found = {name: _blob_hash(root / name) for name in _source_files(root)}
+    return commit + ("" if found == recorded else "-dirty")
+
+
+def _source_files(root):
+    """Every file and link under SOURCE_FOLDERS, as git would list them (no caches)."""
+    for folder in SOURCE_FOLDERS:
+        for directory, folders, names in os.walk(root / folder):
+            links = [name for name in folders if os.path.islink(os.path.join(directory, name))]
+            folders[:] = [name for name in folders if name != "__pycache__" and name not in links]
+            for name in names + links:
+                if not name.endswith(".pyc"):
+                    yield Path(directory, name).relative_to(root).as_posix()
+
+
+def _blob_hash(path):
+    content = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
 def package_versions():
