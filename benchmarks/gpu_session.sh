@@ -8,9 +8,10 @@
 #
 # `prepare` refuses a tree whose kerasrot/ or recipes/ differ from HEAD, then
 # writes .device/commit-manifest: the commit, then `git ls-files -s` of those
-# folders. The machine's copy has no .git; kerasrot reads the manifest
-# (KERASROT_COMMIT_MANIFEST) and records the commit, checked file by file
-# against git's blob hashes, in every result's provenance.
+# folders. The machine's copy of .git is still at the commit the session
+# started from, so git there calls newer code "-dirty"; kerasrot reads the
+# manifest instead (KERASROT_COMMIT_MANIFEST) and records its commit, checked
+# file by file against git's blob hashes, in every result's provenance.
 #
 # `paper` keeps its work directory and results in .lease/ (ignored by
 # .git/info/exclude and never carried, so a call's copy of the tree does not

@@ -329,3 +329,18 @@ def test_a_copy_without_git_names_its_commit_through_a_manifest_checked_file_by_
     (repo / "kerasrot" / "models.py").write_text("WIDTH = 64\n")
     (repo / "recipes" / "extra.toml").write_text("")  # a file the commit does not have
     assert commit_from_manifest(repo, manifest) == head.strip() + "-dirty"
+
+
+def test_a_manifest_wins_over_a_git_checkout_still_at_an_older_commit(tmp_path, monkeypatch):
+    """On the GPU machine git sees the session's first commit plus changes; the manifest names the real one."""
+    from kerasrot.runner import reporting
+
+    root = reporting.Path(reporting.__file__).resolve().parents[2]
+    listed = subprocess.run(["git", "-C", root, "ls-files", "-s", "--", "kerasrot", "recipes"],
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("kerasrot is not run from a git checkout")
+    manifest = tmp_path / "manifest"
+    manifest.write_text("0123abc\n" + listed.stdout)
+    monkeypatch.setenv(reporting.MANIFEST_VARIABLE, str(manifest))
+    assert reporting.git_commit() in ("0123abc", "0123abc-dirty")  # -dirty while kerasrot/ has changes

@@ -31,15 +31,19 @@ def results_dir(root, recipe, preset, backend_name):
 # Results depend on the package and the recipes only: changes elsewhere
 # (tests, benchmarks, docs) do not make a result irreproducible.
 SOURCE_FOLDERS = ("kerasrot", "recipes")
-# A machine that received a copy of the tree without .git (a lent GPU machine)
-# names its commit through a manifest made where git is: the commit on the
-# first line, then `git ls-files -s -- kerasrot recipes` (benchmarks/gpu_session.sh).
+# A copy of the tree on another machine (a lent GPU machine) may have no .git,
+# or one still at the commit its session started from, which calls the copy
+# "-dirty". Such a machine names its commit through a manifest made where the
+# commit is: its first line, then `git ls-files -s -- kerasrot recipes`
+# (benchmarks/gpu_session.sh prepare). Set, it wins over git.
 MANIFEST_VARIABLE = "KERASROT_COMMIT_MANIFEST"
 
 
 def git_commit():
     """The commit whose code runs, with "-dirty" if kerasrot/ or recipes/ differ from it."""
     root = Path(__file__).resolve().parents[2]
+    if os.environ.get(MANIFEST_VARIABLE):
+        return commit_from_manifest(root, os.environ[MANIFEST_VARIABLE])
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
@@ -49,8 +53,7 @@ def git_commit():
             cwd=root, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        manifest = os.environ.get(MANIFEST_VARIABLE)
-        return commit_from_manifest(root, manifest) if manifest else "unknown (not a git checkout)"
+        return "unknown (not a git checkout)"
     return commit + ("-dirty" if dirty else "")
 
 
