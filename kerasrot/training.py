@@ -220,6 +220,10 @@ def train(model, train_batches, test_batches, settings, checkpoint_dir, callback
     history_csv = checkpoint_dir / "history.csv"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     compile_model(model, settings, steps_per_epoch=len(train_batches))
+    if settings.get("channels_last_kernels") == "on":  # torch: momentum laid out as the out-major kernels
+        from kerasrot.runner import speed
+
+        speed.lay_out_slots_like_variables(model.optimizer)
     if settings.get("cuda_graphs") == "on":  # torch on a GPU: steps recorded once, then replayed
         from kerasrot.runner import cuda_graphs
 

@@ -212,18 +212,42 @@ def test_cuda_graphs_resolve_on_only_with_torch_on_a_gpu():
     assert speed.resolve({**settings, "cuda_graphs": "auto"})["cuda_graphs"] == "off"
 
 
+def _gpu_stage():
+    """test_training's tiny stage, built as torch on a GPU builds it: NCHW, fused BatchNorm, out-major kernels."""
+    model, train, test = test_training._fresh_stage()
+    fast = models.build_model("resnet18", 4, stem="imagenet", data_format="channels_first")
+    fast = speed.with_fast_layers(fast, fused_batchnorm=True, channels_last_kernels=True)
+    fast.set_weights(model.get_weights())
+    return fast, train, test
+
+
+def test_on_a_gpu_torch_records_its_steps_and_keeps_its_kernels_out_major(monkeypatch):
+    from kerasrot.runner import device
+
+    monkeypatch.setattr(device, "has_gpu", lambda: True)
+    chosen = speed.resolve({"data_format": "auto", "precision": "auto", "fused_batchnorm": "auto",
+                            "channels_last_kernels": "auto", "jit_compile": "auto", "cuda_graphs": "auto"})
+    assert chosen == {"data_format": "channels_first", "precision": "mixed_bfloat16", "fused_batchnorm": "on",
+                      "channels_last_kernels": "on", "jit_compile": "off", "cuda_graphs": "on"}
+
+
 def test_a_graphed_stage_resumes_exactly(tmp_path, monkeypatch):
     """Killed after epoch 2 of 3 and started again, a stage with recorded steps ends as one run straight through."""
     monkeypatch.setattr(cuda_graphs, "CudaGraph", ReplayGraph)  # what training.train installs, on a CPU
-    settings = {**test_training.SETTINGS, "epochs": 3, "cuda_graphs": "on"}
-    straight, train, test = test_training._fresh_stage()
+    settings = {**test_training.SETTINGS, "epochs": 3, "cuda_graphs": "on", "channels_last_kernels": "on"}
+    straight, train, test = _gpu_stage()
     straight_history = training.train(straight, train, test, settings, tmp_path / "straight")
     assert isinstance(straight.train_function, cuda_graphs.GraphedStep)
     with pytest.raises(KeyboardInterrupt):
-        training.train(*test_training._fresh_stage(), settings, tmp_path / "killed",
+        training.train(*_gpu_stage(), settings, tmp_path / "killed",
                        callbacks=[test_training.StopAfter(2)])
-    resumed, train, test = test_training._fresh_stage()
+    resumed, train, test = _gpu_stage()
     history = training.train(resumed, train, test, settings, tmp_path / "killed")
     assert [record["loss"] for record in history] == [record["loss"] for record in straight_history]
     for x, y in zip(resumed.weights, straight.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(x), keras.ops.convert_to_numpy(y))
+    # The restored momentum kept the out-major layout of its kernel (speed.lay_out_slots_like_variables).
+    optimizer = resumed.optimizer
+    for variable in resumed.trainable_variables:
+        slot = optimizer.momentums[optimizer._get_variable_index(variable)]
+        assert slot.value.stride() == variable.value.stride(), variable.path

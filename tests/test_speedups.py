@@ -100,3 +100,38 @@ def test_fast_copy_swaps_only_the_batchnorm_and_conv_layers_and_keeps_the_weight
         [type(b) for b in model.layers if b.name not in swapped]
     for a, b in zip(fused.weights, model.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+
+
+def _momentum_run(lay_out_slots):
+    """Five SGD steps of the out-major-kernel network; its losses, weights and (variable, slot) pairs."""
+    keras.utils.set_random_seed(0)
+    model = models.build_model(**SPEC, data_format="channels_first")
+    model = speed.with_fast_layers(model, fused_batchnorm=True, channels_last_kernels=True)
+    training.compile_model(model, {**SETTINGS, "learning_rate": 0.01}, steps_per_epoch=STEPS)
+    if lay_out_slots:
+        speed.lay_out_slots_like_variables(model.optimizer)
+    rng = np.random.default_rng(0)
+    images, labels = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32"), rng.integers(0, 4, 8)
+    losses = [float(model.train_on_batch(images, labels, return_dict=True)["loss"]) for _ in range(STEPS)]
+    optimizer = model.optimizer
+    pairs = [(v, optimizer.momentums[optimizer._get_variable_index(v)]) for v in model.trainable_variables]
+    return losses, [keras.ops.convert_to_numpy(w) for w in model.weights], pairs
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a PyTorch memory layout")
+def test_momentum_slots_take_the_out_major_kernel_layout_and_the_updates_stay_the_same():
+    """Unlike strides send PyTorch's `_foreach_add_` down a slow path; laid out alike, the numbers are equal."""
+    losses, weights, pairs = _momentum_run(lay_out_slots=False)
+    laid_losses, laid_weights, laid_pairs = _momentum_run(lay_out_slots=True)
+    kernels = [(v, slot) for v, slot in laid_pairs if len(v.shape) == 4]
+    assert kernels and all(not v.value.is_contiguous() for v, _ in kernels)  # out-major, not Keras' layout
+    assert all(slot.value.stride() == v.value.stride() for v, slot in laid_pairs)
+    assert any(slot.value.stride() != v.value.stride() for v, slot in pairs)  # what Keras alone does
+    np.testing.assert_allclose(laid_losses, losses, rtol=1e-6)
+    for ours, theirs in zip(laid_weights, weights):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    # A restored checkpoint assigns into the slot: the layout stays.
+    v, slot = kernels[0]
+    stride = slot.value.stride()
+    slot.assign(np.ones(slot.shape, "float32"))
+    assert slot.value.stride() == stride and float(keras.ops.sum(slot.value)) == np.prod(slot.shape)
