@@ -85,6 +85,7 @@ def conv(x, filters, kernel_size, data_format, dtype, strides=1, name=None):
     pad = kernel_size // 2
     padding = "same"
     if pad and strides > 1:
+        # "<conv>_pad": on torch, `speed.with_fast_layers` moves this padding into the convolution.
         x = layers.ZeroPadding2D(pad, data_format=data_format, dtype=dtype, name=f"{name}_pad")(x)
         padding = "valid"
     return layers.Conv2D(

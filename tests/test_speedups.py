@@ -89,17 +89,67 @@ def test_mixed_bfloat16_follows_float32_within_its_precision(trajectory, fast_la
         np.testing.assert_allclose(ours, theirs, rtol=0.1, atol=0.1)
 
 
-def test_fast_copy_swaps_only_the_batchnorm_and_conv_layers_and_keeps_the_weights():
+def test_fast_copy_swaps_only_the_batchnorm_conv_and_folded_padding_layers_and_keeps_the_weights():
     model = models.build_model(**SPEC, data_format="channels_first")
     fused = speed.with_fast_layers(model, fused_batchnorm=True, channels_last_kernels=True)
     fast_classes = (speed.FusedBatchNormalization, speed.ChannelsLastKernelConv2D)
     swapped = [layer.name for layer in fused.layers if type(layer) in fast_classes]
     assert swapped == [layer.name for layer in model.layers
                        if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.Conv2D))]
-    assert [type(a) for a in fused.layers if a.name not in swapped] == \
-        [type(b) for b in model.layers if b.name not in swapped]
+    # The padding before each strided 3x3 or 7x7 convolution moved into it; the max-pool keeps its own.
+    folded = {layer.name: layer.implicit_padding for layer in fused.layers if getattr(layer, "implicit_padding", 0)}
+    assert folded == {"stem_conv": 3, "layer2_block1_conv1": 1, "layer3_block1_conv1": 1, "layer4_block1_conv1": 1}
+    assert all(type(fused.get_layer(f"{name}_pad")) is keras.layers.Identity for name in folded)
+    assert type(fused.get_layer("stem_pool_pad")) is keras.layers.ZeroPadding2D
+    untouched = [name for name in (layer.name for layer in model.layers) if name not in swapped
+                 and name.removesuffix("_pad") not in folded]
+    assert [type(fused.get_layer(name)) for name in untouched] == [type(model.get_layer(name)) for name in untouched]
     for a, b in zip(fused.weights, model.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+
+
+@pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
+def test_implicit_padding_convolves_as_zero_padding_then_a_valid_convolution(data_format):
+    """Forward and backward; on torch NCHW without PyTorch's pad op (a copy of the activations each way)."""
+    if keras.backend.backend() == "tensorflow" and data_format == "channels_first":
+        pytest.skip("TensorFlow's CPU convolutions support channels_last only")
+    shape = (2, 8, 9, 9) if data_format == "channels_first" else (2, 9, 9, 8)
+    x = keras.ops.convert_to_tensor(np.random.default_rng(0).normal(size=shape).astype("float32"))
+    common = dict(filters=6, kernel_size=3, strides=2, padding="valid", use_bias=False, data_format=data_format)
+    stock = keras.Sequential([keras.layers.ZeroPadding2D(1, data_format=data_format), keras.layers.Conv2D(**common)])
+    folded = speed.ChannelsLastKernelConv2D(**common, implicit_padding=1)
+    stock.build(shape)
+    folded.build(shape)
+    folded.kernel.assign(stock.layers[1].kernel)
+    assert folded.compute_output_shape(shape) == stock.compute_output_shape(shape)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(folded(x)), keras.ops.convert_to_numpy(stock(x)),
+                               rtol=1e-5, atol=1e-5)
+    if keras.backend.backend() != "torch":
+        return
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    grads = []
+    for layer in (stock, folded):
+        inputs = x.detach().requires_grad_(True)
+        with Ops() as ops:
+            layer(inputs).square().sum().backward()
+        grads.append(inputs.grad.numpy())
+        pads = [name for name in ops.names if "pad" in name]
+        if layer is folded and data_format == "channels_first":
+            assert pads == []
+        elif layer is stock:
+            assert pads  # the count is not vacuous: the stock pair pads
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-5)
 
 
 def _momentum_run(lay_out_slots):

@@ -27,6 +27,8 @@ each is a setting whose "auto" this module turns into a choice:
   gradient, laid out unlike its variable, is copied again (20 more). Its
   optimiser slots must share the layout (`lay_out_slots_like_variables`),
   or PyTorch's multi-tensor update falls back to a slow path for each.
+  The same layer pads inside `conv2d` where the model has a `ZeroPadding2D`
+  before a strided convolution (a copy of the activations each way).
 * `jit_compile`: on for JAX, which runs op by op uncompiled.
 * `cuda_graphs`: on a CUDA GPU under torch, the train and test steps are
   recorded once and replayed (`kerasrot.runner.cuda_graphs`): Keras'
@@ -123,26 +125,61 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 
 @keras.saving.register_keras_serializable(package="kerasrot")
 class ChannelsLastKernelConv2D(keras.layers.Conv2D):
-    """Keras' Conv2D, its kernel kept in PyTorch's channels_last memory (torch backend, NCHW).
+    """Keras' Conv2D, called as PyTorch's own Conv2d calls `conv2d` (torch backend, NCHW).
 
-    Same weights, same config, the same convolution: only the memory layout
-    of the kernel variable changes. Keras stores a (height, width, in, out)
-    kernel and hands PyTorch the (out, in, height, width) permuted view; a
-    kernel stored out-major (memory order out, height, width, in) makes that
-    view channels_last-contiguous, so oneDNN convolves it without
-    reordering it, forward and backward, and the cast to bfloat16 under
-    mixed precision keeps that layout. The variable is laid out once, when
-    the layer is built; every assignment copies into it.
+    Same weights and the same convolution; two things change how it runs:
+
+    * Its kernel stays in PyTorch's channels_last memory. Keras stores a
+      (height, width, in, out) kernel and hands PyTorch the (out, in,
+      height, width) permuted view; a kernel stored out-major (memory order
+      out, height, width, in) makes that view channels_last-contiguous, so
+      oneDNN and cuDNN convolve it without reordering it, forward and
+      backward, and the cast to bfloat16 keeps that layout. The variable is
+      laid out once, when the layer is built; every assignment copies into it.
+    * `implicit_padding`: the symmetric zero padding of a `ZeroPadding2D`
+      that fed it (`with_fast_layers` folds the two), done by `conv2d`
+      itself instead of a copy of the activations, forward and backward.
     """
+
+    def __init__(self, *args, implicit_padding=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.implicit_padding = implicit_padding
 
     def build(self, input_shape):
         super().build(input_shape)
-        if keras.backend.backend() == "torch" and self.data_format == "channels_first":
+        if _torch_nchw(self):
             import torch
 
             value = self.kernel._value  # the variable's torch.nn.Parameter (Keras tracks it after `build`)
             out_major = value.detach().permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)  # same shape
             self.kernel._value = torch.nn.Parameter(out_major, requires_grad=value.requires_grad)
+
+    def convolution_op(self, inputs, kernel):
+        pad = self.implicit_padding
+        if not pad:
+            return super().convolution_op(inputs, kernel)
+        if not _torch_nchw(self):  # elsewhere: the padding Keras' way, then the convolution
+            spatial = ((pad, pad), (pad, pad))
+            widths = ((0, 0), (0, 0), *spatial) if self.data_format == "channels_first" else ((0, 0), *spatial, (0, 0))
+            return super().convolution_op(keras.ops.pad(inputs, widths), kernel)
+        import torch
+
+        kernel = keras.ops.convert_to_tensor(kernel)  # cast to the compute dtype, layout kept
+        return torch.nn.functional.conv2d(inputs, kernel.permute(3, 2, 0, 1), stride=self.strides, padding=pad,
+                                          dilation=self.dilation_rate, groups=self.groups)
+
+    def compute_output_shape(self, input_shape):
+        pad, shape = self.implicit_padding, list(input_shape)
+        for axis in (2, 3) if self.data_format == "channels_first" else (1, 2):
+            shape[axis] = None if shape[axis] is None else shape[axis] + 2 * pad
+        return super().compute_output_shape(tuple(shape))
+
+    def get_config(self):
+        return {**super().get_config(), "implicit_padding": self.implicit_padding}
+
+
+def _torch_nchw(layer):
+    return keras.backend.backend() == "torch" and layer.data_format == "channels_first"
 
 
 def lay_out_slots_like_variables(optimizer):
@@ -182,16 +219,37 @@ def with_fast_layers(model, fused_batchnorm=False, channels_last_kernels=False):
     """A copy of `model` with `FusedBatchNormalization` and/or `ChannelsLastKernelConv2D` layers.
 
     `keras.models.clone_model` rebuilds the functional graph layer by layer,
-    swapping the chosen stock classes (`FAST_LAYERS`); the copy gets the original's weights.
+    swapping the chosen stock classes (`FAST_LAYERS`); the copy gets the
+    original's weights. With `channels_last_kernels`, a `ZeroPadding2D`
+    named `<conv>_pad` (`kerasrot.models.conv`) becomes an `Identity` and its
+    symmetric padding moves into that convolution (`implicit_padding`).
     """
     chosen = {"fused_batchnorm": fused_batchnorm, "channels_last_kernels": channels_last_kernels}
     swaps = dict(FAST_LAYERS[key] for key, on in chosen.items() if on)
     if not swaps:
         return model
+    folded = _foldable_paddings(model) if channels_last_kernels else {}
 
     def clone(layer):
-        return swaps.get(type(layer), type(layer)).from_config(layer.get_config())
+        config = layer.get_config()
+        if layer.name in folded.values():
+            return keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy)
+        if layer.name in folded:
+            config["implicit_padding"] = model.get_layer(folded[layer.name]).padding[0][0]
+        return swaps.get(type(layer), type(layer)).from_config(config)
 
     fast = keras.models.clone_model(model, clone_function=clone)
     fast.set_weights(model.get_weights())
     return fast
+
+
+def _foldable_paddings(model):
+    """{conv name: name of the symmetric ZeroPadding2D before it} for every valid-padded Conv2D."""
+    layers = {layer.name: layer for layer in model.layers}
+    folded = {}
+    for name, layer in layers.items():
+        pad = layers.get(f"{name}_pad")
+        if type(layer) is keras.layers.Conv2D and layer.padding == "valid" \
+                and isinstance(pad, keras.layers.ZeroPadding2D) and len(set(sum(pad.padding, ()))) == 1:
+            folded[name] = pad.name
+    return folded
