@@ -47,10 +47,12 @@ class DatasetInfo:
     tfds_name: str
     splits: dict  # our split name -> (image folder name, tfds split name)
     num_classes: int = 10
+    per_class: dict = dataclasses.field(default_factory=dict)  # split -> images of every class, where all are alike
 
 
 DATASETS = {
-    "cifar10": DatasetInfo("cifar10", {"train": ("train", "train"), "test": ("test", "test")}),
+    "cifar10": DatasetInfo("cifar10", {"train": ("train", "train"), "test": ("test", "test")},
+                           per_class={"train": 5000, "test": 1000}),
     "imagenette": DatasetInfo("imagenette/160px-v2", {"train": ("train", "train"), "test": ("val", "validation")}),
 }
 
@@ -166,6 +168,24 @@ def list_image_folder(top):
         files += images
         labels += [label] * len(images)
     return files, np.asarray(labels, dtype="int32"), class_names
+
+
+@functools.lru_cache(maxsize=16)
+def whole_split_per_class(dataset, split, data_dir=None):
+    """How many images each class of a whole split has, where every class has as many; else None.
+
+    Known for the built-in datasets as published (`DATASETS`); a folder
+    copy under `data_dir` is counted, so a partial copy gets None.
+    """
+    info = DATASETS.get(dataset)
+    count = info.per_class.get(split) if info else None
+    if count is None or data_dir is None:
+        return count
+    try:
+        _, labels, _ = list_image_folder(Path(data_dir).expanduser() / dataset / info.splits[split][0])
+    except DataError:
+        return None
+    return count if np.array_equal(np.bincount(labels, minlength=info.num_classes), [count] * info.num_classes) else None
 
 
 def size_range(sizes):

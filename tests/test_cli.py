@@ -79,6 +79,36 @@ def test_second_run_and_other_recipes_reuse_finished_stages(table2_run, data_roo
     assert "full.rotation_init: done before" not in again.output
 
 
+def test_a_subset_that_is_the_whole_split_reuses_the_stage_trained_on_all(table2_run, data_root, monkeypatch):
+    """figure1 at every labelled image (here 12 per class, epochs of 120) is table3's whole network: not retrained."""
+    import dataclasses
+
+    from kerasrot import data
+
+    tiny = dataclasses.replace(data.DATASETS["cifar10"], per_class={"train": 12, "test": 4})  # the tiny folders
+    monkeypatch.setitem(data.DATASETS, "cifar10", tiny)
+    data.whole_split_per_class.cache_clear()
+    root, _ = table2_run
+    common = ["--data-dir", data_root, "--workdir", root / "work", "--results", root / "results", *TINY,
+              "--set", "classify.learning_rate=0.03"]  # figure1's quick rate, so that only the subset differs
+    table3 = invoke("run", "table3", *common, "--set", "classify.images_per_class=all")
+    assert table3.exit_code == 0, table3.output
+    figure1 = invoke("run", "figure1", *common, "--set", "figure1.labels_per_class=12",
+                     "--set", "classify.images_per_class=12", "--set", "classify.samples_per_epoch=120")
+    data.whole_split_per_class.cache_clear()
+    assert figure1.exit_code == 0, figure1.output
+    assert "figure1.12.rotation_init: done before" in figure1.output
+    assert "figure1.12.random_init: done before" in figure1.output
+    import keras
+
+    from kerasrot.runner.reporting import results_dir
+
+    table3_metrics, figure1_metrics = (
+        json.loads((results_dir(root / "results", recipe, "quick", keras.backend.backend()) / "metrics.json").read_text())
+        for recipe in ("table3", "figure1"))
+    assert figure1_metrics["accuracy"]["figure1.12.rotation_init"] == table3_metrics["accuracy"]["full.rotation_init"]
+
+
 def test_evaluate_reproduces_the_recorded_accuracy(table2_run, data_root):
     root, _ = table2_run
     metrics = json.loads((results_of(root) / "metrics.json").read_text())

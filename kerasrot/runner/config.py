@@ -354,15 +354,18 @@ def _in_key(key, value):
     return key not in NOT_IN_KEY and not (key in KEY_ONLY_WHEN_SET and value == KEY_ONLY_WHEN_SET[key])
 
 
-def key_stages(stages, context=None, where="recipe"):
+def key_stages(stages, context=None, where="recipe", as_keyed=None):
     """Gives each stage a key: a hash of what decides its result.
 
     That is its settings, its task, the key of the stage it starts from,
     and `context` (the runner adds the data source and the backend).
+    `as_keyed(settings)`, if given, writes alike settings alike first (the
+    runner's `stages.as_keyed`: a subset that is the whole split is "all").
     """
     keys, by_name = {}, {}
     for stage in stages:
-        identity = {k: v for k, v in stage.settings.items() if _in_key(k, v)}
+        settings = as_keyed(stage.settings) if as_keyed else stage.settings
+        identity = {k: v for k, v in settings.items() if _in_key(k, v)}
         identity.update(context or {}, task=stage.task)
         if stage.settings.get("init", "random") != "random":
             init = stage.settings["init"]
