@@ -22,6 +22,17 @@
 # $PAPER_ARGS is added to each run (on a CPU, a tiny `--set` run checks the
 # script itself).
 #
+# Planning a lease (15 minutes of device time, the machine's start included),
+# from an H200 on 2026-11-27, torch:
+#   paper table1 table2 table3   522 s in one call (commit 065b020): the rotation
+#                                stage 4.1 min (45 epochs of 4.4-4.8 s), table2's
+#                                two last-block stages 1.6 min, table3's two
+#                                whole-network stages 1.9 min (20 epochs of 1.7 s)
+#   torch                        114 s with EPOCH_SECONDS=70 and --profile
+#   paper figure1                not run: the rotation stage, then 8 whole-network
+#                                stages of about 40 s (the 5000-per-class pair is
+#                                table3's); about 10 min alone, so not beside table1-3
+#
 # Needs, in .device/ (named in `carry`): commit-manifest, the keras, namex and optree wheels
 # for CPython 3.12 under whl/, and cifar10-jpeg.tar.gz (imagenette-96px.tar.gz
 # for the imagenette recipe). The machine has PyTorch, JAX, NumPy, Pillow,
