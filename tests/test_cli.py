@@ -363,9 +363,11 @@ def test_a_copy_without_git_names_its_commit_through_a_manifest_checked_file_by_
 
 def test_a_manifest_wins_over_a_git_checkout_still_at_an_older_commit(tmp_path, monkeypatch):
     """On the GPU machine git sees the session's first commit plus changes; the manifest names the real one."""
+    from pathlib import Path
+
     from kerasrot.runner import reporting
 
-    root = reporting.Path(reporting.__file__).resolve().parents[2]
+    root = Path(reporting.__file__).resolve().parents[2]
     listed = subprocess.run(["git", "-C", root, "ls-files", "-s", "--", "kerasrot", "recipes"],
                             capture_output=True, text=True)
     if listed.returncode != 0:
