@@ -32,6 +32,11 @@
 #   paper figure1                not run: the rotation stage, then 8 whole-network
 #                                stages of about 40 s (the 5000-per-class pair is
 #                                table3's); about 10 min alone, so not beside table1-3
+#   paper imagenette             not run: carry imagenette-96px.tar.gz (40 MB) in
+#                                .device too; with the CIFAR-10 archive and the
+#                                wheels that is 62 MB of the 64 MiB that travel
+#   paper table4                 not run: DenseNet121 with the CIFAR stem; measure
+#                                its rotation epoch first (`EPOCH_SECONDS`-style)
 #
 # Needs, in .device/ (named in `carry`): commit-manifest, the keras, namex and optree wheels
 # for CPython 3.12 under whl/, and cifar10-jpeg.tar.gz (imagenette-96px.tar.gz
