@@ -35,8 +35,8 @@
 #   paper imagenette             not run: carry imagenette-96px.tar.gz (40 MB) in
 #                                .device too; with the CIFAR-10 archive and the
 #                                wheels that is 62 MB of the 64 MiB that travel
-#   paper table4                 not run: DenseNet121 with the CIFAR stem; measure
-#                                its rotation epoch first (`EPOCH_SECONDS`-style)
+#   paper table4                 not run: DenseNet121 with the CIFAR stem; size its
+#                                step first (NETWORKS=densenet121-cifar EPOCH_SECONDS=0 ... torch)
 #
 # Needs, in .device/ (named in `carry`): commit-manifest, the keras, namex and optree wheels
 # for CPython 3.12 under whl/, and cifar10-jpeg.tar.gz (imagenette-96px.tar.gz
@@ -104,8 +104,9 @@ if [ "$part" = paper ]; then
   exit 0
 fi
 
-# The ResNet18 CIFAR-stem step, batch 128 x 4 rotations, bf16, data on the GPU.
-bench="python3 benchmarks/throughput.py --networks resnet18-cifar --precisions mixed_bfloat16 --skip-pipeline
+# The ResNet18 CIFAR-stem step (or $NETWORKS, e.g. densenet121-cifar,densenet121-imagenet
+# to size table4), batch 128 x 4 rotations, bf16, data on the GPU.
+bench="python3 benchmarks/throughput.py --networks ${NETWORKS:-resnet18-cifar} --precisions mixed_bfloat16 --skip-pipeline
   --repeats 5 --warmup 2 --steps 20"
 seconds=${EPOCH_SECONDS:-150}
 
