@@ -170,22 +170,26 @@ def list_image_folder(top):
     return files, np.asarray(labels, dtype="int32"), class_names
 
 
-@functools.lru_cache(maxsize=16)
-def whole_split_per_class(dataset, split, data_dir=None):
-    """How many images each class of a whole split has, where every class has as many; else None.
+def is_whole_split(dataset, split, per_class, data_dir=None):
+    """Whether `per_class` images of every class are the whole split of a built-in dataset.
 
-    Known for the built-in datasets as published (`DATASETS`); a folder
-    copy under `data_dir` is counted, so a partial copy gets None.
+    Known as published (`DATASETS`); a folder copy under `data_dir` is
+    counted as well, so a partial copy is not whole.
     """
     info = DATASETS.get(dataset)
-    count = info.per_class.get(split) if info else None
-    if count is None or data_dir is None:
-        return count
+    if per_class is None or info is None or info.per_class.get(split) != per_class:
+        return False
+    return data_dir is None or _class_counts(Path(data_dir).expanduser() / dataset / info.splits[split][0]) \
+        == (per_class,) * info.num_classes
+
+
+@functools.lru_cache(maxsize=8)
+def _class_counts(top):
     try:
-        _, labels, _ = list_image_folder(Path(data_dir).expanduser() / dataset / info.splits[split][0])
+        _, labels, class_names = list_image_folder(top)
     except DataError:
-        return None
-    return count if np.array_equal(np.bincount(labels, minlength=info.num_classes), [count] * info.num_classes) else None
+        return ()
+    return tuple(np.bincount(labels, minlength=len(class_names)).tolist())
 
 
 def size_range(sizes):

@@ -87,7 +87,6 @@ def test_a_subset_that_is_the_whole_split_reuses_the_stage_trained_on_all(table2
 
     tiny = dataclasses.replace(data.DATASETS["cifar10"], per_class={"train": 12, "test": 4})  # the tiny folders
     monkeypatch.setitem(data.DATASETS, "cifar10", tiny)
-    data.whole_split_per_class.cache_clear()
     root, _ = table2_run
     common = ["--data-dir", data_root, "--workdir", root / "work", "--results", root / "results", *TINY,
               "--set", "classify.learning_rate=0.03"]  # figure1's quick rate, so that only the subset differs
@@ -95,7 +94,6 @@ def test_a_subset_that_is_the_whole_split_reuses_the_stage_trained_on_all(table2
     assert table3.exit_code == 0, table3.output
     figure1 = invoke("run", "figure1", *common, "--set", "figure1.labels_per_class=12",
                      "--set", "classify.images_per_class=12", "--set", "classify.samples_per_epoch=120")
-    data.whole_split_per_class.cache_clear()
     assert figure1.exit_code == 0, figure1.output
     assert "figure1.12.rotation_init: done before" in figure1.output
     assert "figure1.12.random_init: done before" in figure1.output

@@ -228,14 +228,15 @@ def with_fast_layers(model, fused_batchnorm=False, channels_last_kernels=False):
     swaps = dict(FAST_LAYERS[key] for key, on in chosen.items() if on)
     if not swaps:
         return model
-    folded = _foldable_paddings(model) if channels_last_kernels else {}
+    folded = _foldable_paddings(model) if channels_last_kernels else {}  # conv name -> its ZeroPadding2D
+    folded_pads = {pad.name for pad in folded.values()}
 
     def clone(layer):
         config = layer.get_config()
-        if layer.name in folded.values():
+        if layer.name in folded_pads:
             return keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy)
         if layer.name in folded:
-            config["implicit_padding"] = model.get_layer(folded[layer.name]).padding[0][0]
+            config["implicit_padding"] = folded[layer.name].padding[0][0]
         return swaps.get(type(layer), type(layer)).from_config(config)
 
     fast = keras.models.clone_model(model, clone_function=clone)
@@ -244,12 +245,12 @@ def with_fast_layers(model, fused_batchnorm=False, channels_last_kernels=False):
 
 
 def _foldable_paddings(model):
-    """{conv name: name of the symmetric ZeroPadding2D before it} for every valid-padded Conv2D."""
+    """{conv name: the symmetric ZeroPadding2D before it} for every valid-padded Conv2D."""
     layers = {layer.name: layer for layer in model.layers}
     folded = {}
     for name, layer in layers.items():
         pad = layers.get(f"{name}_pad")
         if type(layer) is keras.layers.Conv2D and layer.padding == "valid" \
                 and isinstance(pad, keras.layers.ZeroPadding2D) and len(set(sum(pad.padding, ()))) == 1:
-            folded[name] = pad.name
+            folded[name] = pad
     return folded

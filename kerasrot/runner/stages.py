@@ -70,11 +70,12 @@ def as_keyed(settings, data_dir):
     keyed, dataset = dict(settings), settings["dataset"]
     for split, key in (("train", "images_per_class"), ("test", "test_images_per_class")):
         # `balanced_subset` of every image of every class is the whole split, in its order.
-        if keyed.get(key) is not None and keyed[key] == data.whole_split_per_class(dataset, split, data_dir):
+        if data.is_whole_split(dataset, split, keyed.get(key), data_dir):
             keyed[key] = None
-    per_class = data.whole_split_per_class(dataset, "train", data_dir)
-    if keyed["images_per_class"] is None and per_class \
-            and keyed.get("samples_per_epoch") == per_class * data.DATASETS[dataset].num_classes:
+    info = data.DATASETS.get(dataset)
+    per_class = info.per_class.get("train") if info else None
+    if keyed["images_per_class"] is None and per_class and keyed.get("samples_per_epoch") == per_class * info.num_classes \
+            and data.is_whole_split(dataset, "train", per_class, data_dir):
         keyed["samples_per_epoch"] = None  # one pass, as "all" is
     return keyed
 
