@@ -232,9 +232,9 @@ def with_fast_layers(model, fused_batchnorm=False, channels_last_kernels=False):
     folded_pads = {pad.name for pad in folded.values()}
 
     def clone(layer):
-        config = layer.get_config()
         if layer.name in folded_pads:
             return keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy)
+        config = layer.get_config()
         if layer.name in folded:
             config["implicit_padding"] = folded[layer.name].padding[0][0]
         return swaps.get(type(layer), type(layer)).from_config(config)
