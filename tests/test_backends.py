@@ -19,7 +19,7 @@ import pytest
 
 from kerasrot import models, training
 from kerasrot.runner import device, files, speed, stages
-import test_training  # a sibling module (pytest puts tests/ on the path): its SETTINGS
+from tests import test_training
 
 OTHER_BACKENDS = [b for b in ("torch", "jax", "tensorflow") if b != keras.backend.backend() and importlib.util.find_spec(b)]
 SETTINGS = {**test_training.SETTINGS, "schedule": "constant", "epochs": 1, "jit_compile": "off"}

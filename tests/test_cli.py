@@ -35,11 +35,13 @@ def table2_run(data_root, tmp_path_factory):
     return root, result
 
 
-def results_of(root):
+def results_of(root, recipe="table2"):
+    """Where a quick run with `--results root/results` writes `recipe`'s results on this backend."""
     import keras
 
-    suffix = "" if keras.backend.backend() == "torch" else f"-{keras.backend.backend()}"
-    return root / "results" / "table2" / f"quick{suffix}"
+    from kerasrot.runner.reporting import results_dir
+
+    return results_dir(root / "results", recipe, "quick", keras.backend.backend())
 
 
 def test_list_names_every_recipe():
@@ -97,13 +99,8 @@ def test_a_subset_that_is_the_whole_split_reuses_the_stage_trained_on_all(table2
     assert figure1.exit_code == 0, figure1.output
     assert "figure1.12.rotation_init: done before" in figure1.output
     assert "figure1.12.random_init: done before" in figure1.output
-    import keras
-
-    from kerasrot.runner.reporting import results_dir
-
-    table3_metrics, figure1_metrics = (
-        json.loads((results_dir(root / "results", recipe, "quick", keras.backend.backend()) / "metrics.json").read_text())
-        for recipe in ("table3", "figure1"))
+    table3_metrics, figure1_metrics = (json.loads((results_of(root, recipe) / "metrics.json").read_text())
+                                       for recipe in ("table3", "figure1"))
     assert figure1_metrics["accuracy"]["figure1.12.rotation_init"] == table3_metrics["accuracy"]["full.rotation_init"]
 
 
@@ -300,10 +297,7 @@ def test_kill_9_mid_run_then_the_same_command_resumes_without_losing_or_repeatin
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert f"resuming from the checkpoint of epoch {state['epoch']}/4" in second.stdout
-    import keras
-
-    suffix = "" if keras.backend.backend() == "torch" else f"-{keras.backend.backend()}"
-    metrics = json.loads((tmp_path / "results" / "table1" / f"quick{suffix}" / "metrics.json").read_text())
+    metrics = json.loads((results_of(tmp_path, "table1") / "metrics.json").read_text())
     assert [r["epoch"] for r in metrics["stages"]["rotation"]["history"]] == [1, 2, 3, 4]
 
 

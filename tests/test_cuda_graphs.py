@@ -22,7 +22,7 @@ import pytest
 from kerasrot import models, training
 from kerasrot.pipeline import Batches
 from kerasrot.runner import cuda_graphs, speed
-import test_training  # a sibling module (pytest puts tests/ on the path): its SETTINGS
+from tests import test_training
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch", reason="CUDA graphs are for the torch backend")
 

@@ -177,8 +177,8 @@ def test_rotation_on_a_streamed_folder_trains_resumes_and_records_the_files_it_l
     def metrics(name):
         import keras
 
-        suffix = "" if keras.backend.backend() == "torch" else f"-{keras.backend.backend()}"
-        return json.loads((tmp_path / f"results-{name}" / "table1" / f"quick{suffix}" / "metrics.json").read_text())
+        return json.loads((results_dir(tmp_path / f"results-{name}", "table1", "quick", keras.backend.backend())
+                           / "metrics.json").read_text())
 
     a, b = metrics("straight"), metrics("resumed")
     assert [e["epoch"] for e in b["stages"]["rotation"]["history"]] == [1, 2, 3]

@@ -7,7 +7,7 @@ import pytest
 from kerasrot import data, models, training
 from kerasrot.pipeline import Batches, EpochSetter
 from kerasrot.rotations import CROP_PADDING, crop_and_flip, four_rotations
-import test_training  # a sibling module (pytest puts tests/ on the path): its SETTINGS
+from tests import test_training
 
 
 def as_numpy(x):

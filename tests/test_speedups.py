@@ -12,7 +12,7 @@ import pytest
 
 from kerasrot import models, training
 from kerasrot.runner import speed
-import test_training  # a sibling module (pytest puts tests/ on the path): its SETTINGS
+from tests import test_training
 
 SPEC = {"arch": "resnet18", "num_classes": 4, "stem": "imagenet", "image_size": 32}
 SETTINGS = {**test_training.SETTINGS, "learning_rate": 2e-4, "schedule": "constant", "epochs": 1, "jit_compile": "off"}
