@@ -117,8 +117,8 @@ paper_epochs() {  # the paper rotation stage inside `kerasrot run`, stopped afte
     --data-dir /tmp/data --workdir "/tmp/wd-$backend" --results "/tmp/results-$backend" 2>&1 \
     | tee "$out/$backend-run.txt" | tail -25
   cp /tmp/wd-"$backend"/stages/rotation-*/checkpoints/history.csv "$out/$backend-history.csv" 2>/dev/null
-  echo "== $backend history (epoch, seconds):"
-  cut -d, -f1- "$out/$backend-history.csv" 2>/dev/null | head -30
+  echo "== $backend history (each epoch's seconds in the last column):"
+  head -30 "$out/$backend-history.csv" 2>/dev/null
 }
 
 if [ "$part" = torch ] || [ "$part" = all ]; then

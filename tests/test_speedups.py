@@ -126,7 +126,6 @@ def test_implicit_padding_convolves_as_zero_padding_then_a_valid_convolution(dat
                                rtol=1e-5, atol=1e-5)
     if keras.backend.backend() != "torch":
         return
-    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
