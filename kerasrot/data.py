@@ -179,8 +179,10 @@ def is_whole_split(dataset, split, per_class, data_dir=None):
     info = DATASETS.get(dataset)
     if per_class is None or info is None or info.per_class.get(split) != per_class:
         return False
-    return data_dir is None or _class_counts(Path(data_dir).expanduser() / dataset / info.splits[split][0]) \
-        == (per_class,) * info.num_classes
+    if data_dir is None:
+        return True
+    folder = Path(data_dir).expanduser() / dataset / info.splits[split][0]
+    return _class_counts(folder) == (per_class,) * info.num_classes
 
 
 @functools.lru_cache(maxsize=8)

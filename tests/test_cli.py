@@ -35,13 +35,13 @@ def table2_run(data_root, tmp_path_factory):
     return root, result
 
 
-def results_of(root, recipe="table2"):
-    """Where a quick run with `--results root/results` writes `recipe`'s results on this backend."""
+def results_of(results, recipe="table2"):
+    """Where a quick run with `--results results` writes `recipe`'s results on this backend."""
     import keras
 
     from kerasrot.runner.reporting import results_dir
 
-    return results_dir(root / "results", recipe, "quick", keras.backend.backend())
+    return results_dir(results, recipe, "quick", keras.backend.backend())
 
 
 def test_list_names_every_recipe():
@@ -53,7 +53,7 @@ def test_list_names_every_recipe():
 
 def test_run_writes_metrics_table_history_and_plots(table2_run):
     root, result = table2_run
-    out = results_of(root)
+    out = results_of(root / "results")
     for name in ("metrics.json", "table.md", "history.csv", "curves.png"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
@@ -66,13 +66,13 @@ def test_run_writes_metrics_table_history_and_plots(table2_run):
 
 def test_second_run_and_other_recipes_reuse_finished_stages(table2_run, data_root):
     root, _ = table2_run
-    first = json.loads((results_of(root) / "metrics.json").read_text())
+    first = json.loads((results_of(root / "results") / "metrics.json").read_text())
     same = invoke("run", "table2", "--data-dir", data_root, "--workdir", root / "work",
                   "--results", root / "results", *TINY)
     assert same.exit_code == 0, same.output
     for i, name in enumerate(["rotation", "last_block.rotation_init", "last_block.random_init"], start=1):
         assert f"[stage {i}/3] {name}: done before" in same.output
-    assert json.loads((results_of(root) / "metrics.json").read_text())["accuracy"] == first["accuracy"]
+    assert json.loads((results_of(root / "results") / "metrics.json").read_text())["accuracy"] == first["accuracy"]
 
     again = invoke("run", "table3", "--data-dir", data_root, "--workdir", root / "work",
                    "--results", root / "results", *TINY)
@@ -99,14 +99,14 @@ def test_a_subset_that_is_the_whole_split_reuses_the_stage_trained_on_all(table2
     assert figure1.exit_code == 0, figure1.output
     assert "figure1.12.rotation_init: done before" in figure1.output
     assert "figure1.12.random_init: done before" in figure1.output
-    table3_metrics, figure1_metrics = (json.loads((results_of(root, recipe) / "metrics.json").read_text())
+    table3_metrics, figure1_metrics = (json.loads((results_of(root / "results", recipe) / "metrics.json").read_text())
                                        for recipe in ("table3", "figure1"))
     assert figure1_metrics["accuracy"]["figure1.12.rotation_init"] == table3_metrics["accuracy"]["full.rotation_init"]
 
 
 def test_evaluate_reproduces_the_recorded_accuracy(table2_run, data_root):
     root, _ = table2_run
-    metrics = json.loads((results_of(root) / "metrics.json").read_text())
+    metrics = json.loads((results_of(root / "results") / "metrics.json").read_text())
     for name, task in (("rotation", "rotation"), ("last_block.rotation_init", "classify")):
         stage = metrics["stages"][name]
         result = invoke("evaluate", stage["checkpoint"], "--data-dir", data_root)
@@ -117,7 +117,7 @@ def test_evaluate_reproduces_the_recorded_accuracy(table2_run, data_root):
 
 def test_report_redraws_from_metrics(table2_run):
     root, _ = table2_run
-    out = results_of(root)
+    out = results_of(root / "results")
     (out / "table.md").unlink()
     import keras
 
@@ -129,14 +129,14 @@ def test_report_redraws_from_metrics(table2_run):
 def test_run_that_fails_mid_way_leaves_earlier_results_untouched(table2_run, data_root, monkeypatch):
     # The rotation stage is reused from the cache, the next stage trains and fails in its second epoch.
     root, _ = table2_run
-    before = {f.name: f.read_bytes() for f in results_of(root).iterdir()}
+    before = {f.name: f.read_bytes() for f in results_of(root / "results").iterdir()}
     result = invoke("run", "table2", "--data-dir", data_root, "--workdir", root / "work",
                     "--results", root / "results", *TINY, "--set", "classify.seed=7",
                     "--set", "classify.schedule=step", "--set", "classify.step_epochs=1",
                     "--set", "classify.step_gamma=1e30")
     assert result.exit_code == 1, result.output
     assert "[stage 1/3] rotation: done before" in result.output
-    assert {f.name: f.read_bytes() for f in results_of(root).iterdir()} == before
+    assert {f.name: f.read_bytes() for f in results_of(root / "results").iterdir()} == before
 
 
 @pytest.mark.parametrize(
@@ -239,7 +239,7 @@ def test_corrupt_checkpoint_and_wrong_task_are_clear_errors(tmp_path, table2_run
     assert result.exit_code == 1 and "not a .keras model file" in result.output
 
     root, _ = table2_run
-    metrics = json.loads((results_of(root) / "metrics.json").read_text())
+    metrics = json.loads((results_of(root / "results") / "metrics.json").read_text())
     classifier = metrics["stages"]["last_block.random_init"]["checkpoint"]
     result = invoke("evaluate", classifier, "--data-dir", data_root, "--dataset", "imagenette")
     assert result.exit_code == 0  # 10 classes either way: allowed, and says which test set
@@ -297,7 +297,7 @@ def test_kill_9_mid_run_then_the_same_command_resumes_without_losing_or_repeatin
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert f"resuming from the checkpoint of epoch {state['epoch']}/4" in second.stdout
-    metrics = json.loads((results_of(tmp_path, "table1") / "metrics.json").read_text())
+    metrics = json.loads((results_of(tmp_path / "results", "table1") / "metrics.json").read_text())
     assert [r["epoch"] for r in metrics["stages"]["rotation"]["history"]] == [1, 2, 3, 4]
 
 

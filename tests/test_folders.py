@@ -10,8 +10,7 @@ from PIL import Image
 
 from kerasrot import data, folders
 from kerasrot.pipeline import Batches
-from kerasrot.runner.reporting import results_dir
-from tests.test_cli import TINY, invoke
+from tests.test_cli import TINY, invoke, results_of
 
 
 def write_images(folder, count, size=32, suffix=".png", start=0, seed=0):
@@ -175,10 +174,7 @@ def test_rotation_on_a_streamed_folder_trains_resumes_and_records_the_files_it_l
     assert resumed.exit_code == 0 and "resuming from the checkpoint of epoch 2/3" in resumed.output
 
     def metrics(name):
-        import keras
-
-        return json.loads((results_dir(tmp_path / f"results-{name}", "table1", "quick", keras.backend.backend())
-                           / "metrics.json").read_text())
+        return json.loads((results_of(tmp_path / f"results-{name}", "table1") / "metrics.json").read_text())
 
     a, b = metrics("straight"), metrics("resumed")
     assert [e["epoch"] for e in b["stages"]["rotation"]["history"]] == [1, 2, 3]
@@ -188,7 +184,7 @@ def test_rotation_on_a_streamed_folder_trains_resumes_and_records_the_files_it_l
     assert "broken.png" in a["stages"]["rotation"]["skipped_images"]["files"][0]
     assert "streamed from disk" in a["provenance"]["data"]
     assert a["stages"]["rotation"]["settings"]["dataset"] == f"folder:{(tmp_path / 'photos').resolve()}"
-    table = results_dir(tmp_path / "results-straight", "table1", "quick", a["provenance"]["backend"]) / "table.md"
+    table = results_of(tmp_path / "results-straight", "table1") / "table.md"
     assert f"Own data, in place of the recipe's: rotation on `folder:{(tmp_path / 'photos').resolve()}`" \
         in table.read_text()
 
