@@ -117,8 +117,11 @@ paper_epochs() {  # the paper rotation stage inside `kerasrot run`, stopped afte
     --data-dir /tmp/data --workdir "/tmp/wd-$backend" --results "/tmp/results-$backend" 2>&1 \
     | tee "$out/$backend-run.txt" | tail -25
   cp /tmp/wd-"$backend"/stages/rotation-*/checkpoints/history.csv "$out/$backend-history.csv" 2>/dev/null
-  echo "== $backend history (each epoch's seconds in the last column):"
-  head -30 "$out/$backend-history.csv" 2>/dev/null
+  # CSVLogger sorts its columns by name and counts epochs from 0: pick the
+  # seconds column by its header and count from 1, as `kerasrot run` prints.
+  echo "== $backend seconds of each epoch (epoch, seconds):"
+  awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "seconds") s = i; next } s { print $1 + 1, $s }' \
+    "$out/$backend-history.csv" 2>/dev/null | head -30
 }
 
 if [ "$part" = torch ] || [ "$part" = all ]; then
