@@ -115,15 +115,28 @@ def test_evaluate_reproduces_the_recorded_accuracy(table2_run, data_root):
         assert f"({task};" in result.output
 
 
-def test_report_redraws_from_metrics(table2_run):
+def test_report_redraws_from_metrics_with_the_recipes_citations_as_they_read_now(table2_run):
     root, _ = table2_run
     out = results_of(root / "results")
     (out / "table.md").unlink()
+    # A run made before the recipe cited the paper's own numbers (the column "paper (NIN)").
+    recorded = (out / "metrics.json").read_bytes()
+    older = json.loads(recorded)
+    older["reference"] = {name: {"A": ref["A"], "B": ref["B"]} for name, ref in older["reference"].items()}
+    older["notes"] = ""
+    (out / "metrics.json").write_text(json.dumps(older))
     import keras
 
-    result = invoke("report", "table2", "--results", root / "results", "--backend", keras.backend.backend())
-    assert result.exit_code == 0, result.output
-    assert (out / "table.md").exists()
+    try:
+        result = invoke("report", "table2", "--results", root / "results", "--backend", keras.backend.backend())
+        assert result.exit_code == 0, result.output
+        table = (out / "table.md").read_text()
+        assert "| report A | report B | paper (NIN) |" in table
+        assert "| 61.17 | 62.09 | 91.16 |" in table  # last_block.rotation_init, from recipes/table2.toml
+        assert "the upper anchors we aim past" in table  # the recipe's notes
+        assert json.loads((out / "metrics.json").read_text()) == older  # the run's record is not rewritten
+    finally:
+        (out / "metrics.json").write_bytes(recorded)
 
 
 def test_run_that_fails_mid_way_leaves_earlier_results_untouched(table2_run, data_root, monkeypatch):

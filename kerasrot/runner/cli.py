@@ -238,13 +238,17 @@ def evaluate(checkpoint, data_dir, dataset, test_images_per_class):
               help="Which backend's results [default: the current KERAS_BACKEND].")
 @_friendly_errors
 def report(recipe, preset, results, backend_name):
-    """Redraw table.md, history.csv and plots from results/RECIPE/PRESET/metrics.json."""
-    from kerasrot.runner import reporting
+    """Redraw table.md, history.csv and plots from results/RECIPE/PRESET/metrics.json.
 
+    The published numbers and notes come from the recipe as it reads now.
+    """
+    from kerasrot.runner import config, reporting
+
+    loaded = config.load(recipe, preset)
     directory = reporting.results_dir(results, recipe, preset, backend_name or os.environ["KERAS_BACKEND"])
     if not (directory / "metrics.json").exists():
         raise Failure(f"error: no {directory}/metrics.json; run `kerasrot run {recipe} --preset {preset}` first")
-    metrics = reporting.render(directory)
+    metrics = reporting.render(directory, loaded)
     click.echo(reporting.markdown_table(metrics))
 
 

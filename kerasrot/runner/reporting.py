@@ -115,15 +115,18 @@ def provenance(command, backend_name, device, data_source, wall_seconds, setting
     }
 
 
+def citations(recipe):
+    """What a recipe says about its table: title, what it reproduces, notes and the published numbers."""
+    return {"title": recipe.title, "reproduces": recipe.reproduces, "notes": recipe.notes,
+            "reference": recipe.reference}
+
+
 def build_metrics(recipe, results, prov):
     return {
         "recipe": recipe.name,
         "preset": recipe.preset,
-        "title": recipe.title,
-        "reproduces": recipe.reproduces,
-        "notes": recipe.notes,
+        **citations(recipe),
         "accuracy": {name: r["accuracy"] for name, r in results.items()},
-        "reference": recipe.reference,
         "stages": {
             name: {k: v for k, v in r.items() if k != "name"} for name, r in results.items()
         },
@@ -208,7 +211,8 @@ def _epochs(stage):
 
 
 def _column_title(column):
-    titles = {"A": "report A", "B": "report B", "paper": "paper (Fig. 5b, NIN)", "nin": "paper (Table 1, NIN)"}
+    titles = {"A": "report A", "B": "report B", "paper": "paper (Fig. 5b, NIN)", "nin": "paper (Table 1, NIN)",
+              "rotnet": "paper (NIN)"}
     return titles.get(column, column)
 
 
@@ -355,10 +359,18 @@ def write_report(metrics, directory):
     render(directory)
 
 
-def render(directory):
-    """(Re)draws table.md, history.csv and the PNGs from `directory/metrics.json`."""
+def render(directory, recipe=None):
+    """(Re)draws table.md, history.csv and the PNGs from `directory/metrics.json`.
+
+    With `recipe` (`kerasrot report`), the recipe's citations as they read now
+    stand in for those the run recorded: a published number added to a recipe
+    after a run shows beside it. metrics.json itself, the run's record, is
+    never rewritten.
+    """
     directory = Path(directory)
     metrics = files.read_json(directory / "metrics.json")
+    if recipe is not None:
+        metrics.update(citations(recipe))
     files.write_text(directory / "table.md", markdown_table(metrics))
     files.write_text(directory / "history.csv", history_csv(metrics))
     plot_curves(metrics, directory / "curves.png")
