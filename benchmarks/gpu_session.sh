@@ -23,12 +23,14 @@
 # script itself).
 #
 # Planning a lease (15 minutes of device time, the machine's start included),
-# from an H200 on 2026-11-27, torch:
-#   paper table1 table2 table3   522 s in one call (commit 065b020): the rotation
-#                                stage 4.1 min (45 epochs of 4.4-4.8 s), table2's
-#                                two last-block stages 1.6 min, table3's two
-#                                whole-network stages 1.9 min (20 epochs of 1.7 s)
-#   torch                        114 s with EPOCH_SECONDS=70 and --profile
+# from an H200 on 2026-11-27 and 28, torch:
+#   paper table1 table2 table3   494 s in one call (commit 814e5c5; 522 s at 065b020):
+#                                the rotation stage 3.9 min (45 epochs of 4.1-4.3 s),
+#                                table2's two last-block stages 1.5 min, table3's two
+#                                whole-network stages 1.8 min (20 epochs of 1.6 s)
+#   torch                        34 s with EPOCH_SECONDS=0; 114 s with EPOCH_SECONDS=70
+#                                and --profile
+#   the machine's start          about 35 s of the lease before the first command ran
 #   paper figure1                not run: the rotation stage, then 8 whole-network
 #                                stages of about 40 s (the 5000-per-class pair is
 #                                table3's); about 10 min alone, so not beside table1-3
