@@ -133,7 +133,8 @@ def test_report_redraws_from_metrics_with_the_recipes_citations_as_they_read_now
         table = (out / "table.md").read_text()
         assert "| report A | report B | paper (NIN) |" in table
         assert "| 61.17 | 62.09 | 91.16 |" in table  # last_block.rotation_init, from recipes/table2.toml
-        assert "the upper anchors we aim past" in table  # the recipe's notes
+        assert "the upper anchors we aim past" in table  # the column's legend (reporting.COLUMN_LEGENDS)
+        assert "72.50 from random weights" in table  # the recipe's notes
         assert json.loads((out / "metrics.json").read_text()) == older  # the run's record is not rewritten
     finally:
         (out / "metrics.json").write_bytes(recorded)

@@ -162,8 +162,9 @@ def markdown_table(metrics):
             s["task"] == "rotation" for s in metrics["stages"].values()) else "."),
         f"Test samples per row: {', '.join(sorted({str(s['test_samples']) for s in metrics['stages'].values()}))}.",
     ]
-    if metrics.get("notes"):
-        lines += ["", metrics["notes"]]
+    notes = " ".join([*(COLUMN_LEGENDS[c] for c in columns if c in COLUMN_LEGENDS), metrics.get("notes", "")]).strip()
+    if notes:
+        lines += ["", notes]
     own_data = _own_data(metrics)
     if own_data:
         lines += ["", own_data]
@@ -214,6 +215,13 @@ def _column_title(column):
     titles = {"A": "report A", "B": "report B", "paper": "paper (Fig. 5b, NIN)", "nin": "paper (Table 1, NIN)",
               "rotnet": "paper (NIN)"}
     return titles.get(column, column)
+
+
+# What a reference column means, said once below every table that has it (recipes' notes say where each number is from).
+COLUMN_LEGENDS = {
+    "rotnet": "paper (NIN): the RotNet paper's own numbers (Gidaris et al. 2018, its 4-block Network-in-Network, "
+              "as quoted by secondary sources), the upper anchors we aim past.",
+}
 
 
 def probes_by_block(metrics):
