@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -138,6 +139,40 @@ def test_report_redraws_from_metrics_with_the_recipes_citations_as_they_read_now
         assert json.loads((out / "metrics.json").read_text()) == older  # the run's record is not rewritten
     finally:
         (out / "metrics.json").write_bytes(recorded)
+
+
+def test_stages_brought_from_another_machine_as_result_json_alone_are_reused_and_named(table2_run, data_root, tmp_path):
+    """Merging runs: stage folders copied with their result.json but no model.keras (a GPU lease's small outputs)."""
+    root, _ = table2_run
+    made = json.loads((results_of(root / "results") / "metrics.json").read_text())["stages"]
+    assert made["rotation"]["commit"] and made["rotation"]["device"]  # each stage says what made it
+    for stage in made.values():
+        source = Path(stage["checkpoint"]).parent
+        result = json.loads((source / "result.json").read_text())
+        (tmp_path / "work" / "stages" / source.name).mkdir(parents=True)
+        (tmp_path / "work" / "stages" / source.name / "result.json").write_text(
+            json.dumps({**result, "device": "GPU Elsewhere", "commit": "abc123"}))
+    common = ["--data-dir", data_root, "--workdir", tmp_path / "work", "--results", tmp_path / "results", *TINY]
+
+    merged = invoke("run", "table2", *common)
+    assert merged.exit_code == 0, merged.output
+    assert merged.output.count("done before") == 3
+    table = (results_of(tmp_path / "results") / "table.md").read_text()
+    assert ("Reused, made by another run: rotation, last_block.rotation_init, last_block.random_init "
+            "(GPU Elsewhere, commit abc123).") in table
+
+    # A stage still to run needs the model of the one it starts from: that one trains again, the rest is reused.
+    (tmp_path / "work" / "stages" / Path(made["last_block.rotation_init"]["checkpoint"]).parent.name
+     / "result.json").unlink()
+    again = invoke("run", "table2", *common)
+    assert again.exit_code == 0, again.output
+    assert "rotation: " in again.output and "which last_block.rotation_init starts from: training it again" \
+        in again.output
+    assert "[stage 1/3] rotation: test accuracy" in again.output
+    assert "[stage 2/3] last_block.rotation_init: test accuracy" in again.output
+    assert "[stage 3/3] last_block.random_init: done before" in again.output
+    table = (results_of(tmp_path / "results") / "table.md").read_text()
+    assert "Reused, made by another run: last_block.random_init (GPU Elsewhere, commit abc123)." in table
 
 
 def test_run_that_fails_mid_way_leaves_earlier_results_untouched(table2_run, data_root, monkeypatch):

@@ -195,7 +195,7 @@ def run(recipe, preset, data_dir, workdir, results, overrides, data_parallel):
 
     click.echo(f"kerasrot run {loaded.name} --preset {preset}: backend {backend}, "
                f"{device.description()}, workdir {workdir}, results {out}")
-    options = stages.RunOptions(data_dir=data_dir, workdir=workdir, log=click.echo)
+    options = stages.RunOptions(data_dir=data_dir, workdir=workdir, log=click.echo, commit=commit)
     stage_results = stages.run_recipe(loaded, options)
 
     settings = [s.settings for s in loaded.stages]

@@ -175,6 +175,7 @@ def markdown_table(metrics):
         f"{', fused BatchNorm' if 'on' in p.get('fused_batchnorm', []) else ''}"
         f"{', channels_last kernels' if 'on' in p.get('channels_last_kernels', []) else ''}), "
         f"data: {p['data']}, commit {p['commit']}, {p['wall_seconds'] / 60:.1f} min.",
+        *_made_elsewhere(metrics),
     ]
     if "cifar10 (JPEG" in p["data"]:
         lines.append(
@@ -195,6 +196,19 @@ def _own_data(metrics):
         return ""
     parts = [f"{', '.join(names)} on `{dataset}`" for dataset, names in own.items()]
     return f"Own data, in place of the recipe's: {'; '.join(parts)} (the title above names the recipe's data)."
+
+
+def _made_elsewhere(metrics):
+    """["Reused, made by another run: rotation (GPU ..., commit ...)."] where a cached stage's machine or code differ."""
+    p, made_by = metrics["provenance"], {}
+    for name, stage in metrics["stages"].items():
+        made = (stage.get("device", p["device"]), stage.get("commit", p["commit"]))  # older results name neither
+        if stage.get("cached") and made != (p["device"], p["commit"]):
+            made_by.setdefault(made, []).append(name)
+    if not made_by:
+        return []
+    parts = [f"{', '.join(names)} ({machine}, commit {commit})" for (machine, commit), names in made_by.items()]
+    return [f"Reused, made by another run: {'; '.join(parts)}."]
 
 
 def _data_parallel(provenance):

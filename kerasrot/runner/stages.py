@@ -8,11 +8,15 @@ lives in
 
     checkpoints/     Keras' BackupAndRestore files and history.csv while it trains
     model.keras      the trained model, portable (NHWC, float32, stock layers)
-    result.json      its accuracy, history and settings: "this stage is done"
+    result.json      its accuracy, history, settings and the machine and commit
+                     that made it: "this stage is done"
 
 `result.json` is written last, so a stage is either done or resumable.
 The key is a hash of the stage's settings (`kerasrot.runner.config.key_stages`):
 another recipe with the same rotation stage finds it done and reuses it.
+Runs on several machines merge by copying stage folders into one work
+directory; a folder may bring its result.json alone, and is then trained
+again only if a stage still to run starts from its model.keras.
 """
 
 import dataclasses
@@ -25,7 +29,7 @@ import keras
 from kerasrot import data, folders, models, probes, training
 from kerasrot.pipeline import Batches
 from kerasrot.rotations import NUM_ROTATIONS
-from kerasrot.runner import distribute, files, speed
+from kerasrot.runner import device, distribute, files, speed
 from kerasrot.runner.config import key_stages
 from kerasrot.runner.progress import Progress, RunTracker
 
@@ -39,6 +43,7 @@ class RunOptions:
     data_dir: str | None
     workdir: Path
     log: callable = print
+    commit: str = "unknown"  # recorded in each stage's result (`kerasrot.runner.reporting.git_commit`)
 
 
 def stage_dir(workdir, stage):
@@ -65,7 +70,8 @@ def as_keyed(settings, data_dir):
 
     Stages that train on the same images in the same order then share one key,
     so one trains and the other reuses it: figure1's 5000 labelled images per
-    class of CIFAR-10, in epochs of 50,000, is table3's whole-network stage.
+    class of CIFAR-10, in epochs of 50,000, is table3's whole-network stage
+    where both train at the same learning rate.
     """
     keyed, dataset = dict(settings), settings["dataset"]
     for split, key in (("train", "images_per_class"), ("test", "test_images_per_class")):
@@ -235,12 +241,35 @@ def run_stage(stage, options, callbacks=()):
                                                                         train.skipped[:100]]}}
            if train.skipped else {}),
         "backend": keras.backend.backend(),
-        "devices": distribute.description(),  # a cached stage may have been trained on other devices
+        "device": device.description(),  # a cached stage may have been trained on another machine,
+        "devices": distribute.description(),  # other devices, or other code
+        "commit": options.commit,
         "checkpoint": str(directory / "model.keras"),
     }
     files.write_json(directory / "result.json", result)
     files.remove_tree(directory / "checkpoints")
     return result
+
+
+def models_still_needed(stages, workdir):
+    """`{name of a done stage: a stage to run that starts from it}` where the done one's model.keras is missing.
+
+    A stage folder copied from another machine may bring only its result.json
+    (small, where the model is tens of MB): enough to report it, not to start
+    another stage from it.
+    """
+    def has(stage, name):
+        return (stage_dir(workdir, stage) / name).exists()
+
+    needed, changed = {}, True
+    while changed:  # a stage trained again may itself start from one without its model
+        changed = False
+        for stage in stages:
+            source, to_run = stage.init_stage, not has(stage, "result.json") or stage.name in needed
+            if to_run and source and source.name not in needed and has(source, "result.json") \
+                    and not has(source, "model.keras"):
+                needed[source.name], changed = stage.name, True
+    return needed
 
 
 def run_recipe(recipe, options):
@@ -250,9 +279,13 @@ def run_recipe(recipe, options):
     results = {}
     total = len(recipe.stages)
     with files.workdir_lock(options.workdir):
+        retrain = models_still_needed(recipe.stages, options.workdir)
         for index, stage in enumerate(recipe.stages, start=1):
             done = stage_dir(options.workdir, stage) / "result.json"
-            if done.exists():
+            if stage.name in retrain:
+                options.log(f"[stage {index}/{total}] {stage.name}: {done.parent} has its result.json but no "
+                            f"model.keras, which {retrain[stage.name]} starts from: training it again")
+            elif done.exists():
                 files.remove_tree(done.parent / "checkpoints")  # killed while tidying up
                 results[stage.name] = {**files.read_json(done), "name": stage.name, "cached": True}
                 tracker.skip(stage)
