@@ -261,14 +261,13 @@ def models_still_needed(stages, workdir):
     def has(stage, name):
         return (stage_dir(workdir, stage) / name).exists()
 
-    needed, changed = {}, True
-    while changed:  # a stage trained again may itself start from one without its model
-        changed = False
-        for stage in stages:
-            source, to_run = stage.init_stage, not has(stage, "result.json") or stage.name in needed
-            if to_run and source and source.name not in needed and has(source, "result.json") \
-                    and not has(source, "model.keras"):
-                needed[source.name], changed = stage.name, True
+    needed = {}
+    # Last stage first: a stage comes after the one it starts from, so whether
+    # it runs (and needs that one's model) is known when its source is reached.
+    for stage in reversed(stages):
+        source, to_run = stage.init_stage, not has(stage, "result.json") or stage.name in needed
+        if to_run and source and has(source, "result.json") and not has(source, "model.keras"):
+            needed[source.name] = stage.name  # the first such stage is the last one set
     return needed
 
 
