@@ -193,15 +193,16 @@ def run(recipe, preset, data_dir, workdir, results, overrides, data_parallel):
     _check_writable(out)
     _check_writable(workdir)
 
+    machine = device.description()  # after the distribution is set: it names the devices sharing a batch
     click.echo(f"kerasrot run {loaded.name} --preset {preset}: backend {backend}, "
-               f"{device.description()}, workdir {workdir}, results {out}")
-    options = stages.RunOptions(data_dir=data_dir, workdir=workdir, log=click.echo, commit=commit)
+               f"{machine}, workdir {workdir}, results {out}")
+    options = stages.RunOptions(data_dir=data_dir, workdir=workdir, log=click.echo, machine=machine, commit=commit)
     stage_results = stages.run_recipe(loaded, options)
 
     settings = [s.settings for s in loaded.stages]
     sources = sorted({r["data_source"] for r in stage_results.values()})
     prov = reporting.provenance(
-        _command_line(), backend, device.description(), "; ".join(sources),
+        _command_line(), backend, machine, "; ".join(sources),
         time.perf_counter() - started, settings, commit, devices=devices,
     )
     metrics = reporting.build_metrics(loaded, stage_results, prov)

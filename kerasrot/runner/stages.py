@@ -29,7 +29,7 @@ import keras
 from kerasrot import data, folders, models, probes, training
 from kerasrot.pipeline import Batches
 from kerasrot.rotations import NUM_ROTATIONS
-from kerasrot.runner import device, distribute, files, speed
+from kerasrot.runner import device, distribute, files, reporting, speed
 from kerasrot.runner.config import key_stages
 from kerasrot.runner.progress import Progress, RunTracker
 
@@ -43,7 +43,10 @@ class RunOptions:
     data_dir: str | None
     workdir: Path
     log: callable = print
-    commit: str = "unknown"  # recorded in each stage's result (`kerasrot.runner.reporting.git_commit`)
+    # What made each stage, recorded in its result.json: a stage reused by a
+    # later run may have been trained on another machine, or by other code.
+    machine: str = dataclasses.field(default_factory=device.description)
+    commit: str = dataclasses.field(default_factory=reporting.git_commit)
 
 
 def stage_dir(workdir, stage):
@@ -241,8 +244,8 @@ def run_stage(stage, options, callbacks=()):
                                                                         train.skipped[:100]]}}
            if train.skipped else {}),
         "backend": keras.backend.backend(),
-        "device": device.description(),  # a cached stage may have been trained on another machine,
-        "devices": distribute.description(),  # other devices, or other code
+        "device": options.machine,
+        "devices": distribute.description(),
         "commit": options.commit,
         "checkpoint": str(directory / "model.keras"),
     }
