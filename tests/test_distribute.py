@@ -233,6 +233,9 @@ def test_cli_run_records_the_two_devices(data_root, tmp_path):
     provenance = json.loads((out / "metrics.json").read_text())["provenance"]
     assert provenance["devices"] == "2 devices (cpu), keras.distribution.DataParallel"
     assert provenance["device"].endswith("; 2 JAX devices, data-parallel")
+    stage_results = [json.loads(f.read_text()) for f in (tmp_path / "work" / "stages").glob("*/result.json")]
+    assert stage_results and all((r["device"], r["devices"]) == (provenance["device"], provenance["devices"])
+                                 for r in stage_results)  # each stage records them too
     assert "--data-parallel" in provenance["command"]
     assert provenance["command"].startswith("KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=2 ")
     assert "2 JAX devices, data-parallel" in (out / "table.md").read_text()

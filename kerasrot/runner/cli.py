@@ -196,7 +196,8 @@ def run(recipe, preset, data_dir, workdir, results, overrides, data_parallel):
     machine = device.description()  # after the distribution is set: it names the devices sharing a batch
     click.echo(f"kerasrot run {loaded.name} --preset {preset}: backend {backend}, "
                f"{machine}, workdir {workdir}, results {out}")
-    options = stages.RunOptions(data_dir=data_dir, workdir=workdir, log=click.echo, machine=machine, commit=commit)
+    options = stages.RunOptions(data_dir=data_dir, workdir=workdir, log=click.echo,
+                                machine=machine, devices=devices, commit=commit)
     stage_results = stages.run_recipe(loaded, options)
 
     settings = [s.settings for s in loaded.stages]

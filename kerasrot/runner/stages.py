@@ -46,6 +46,7 @@ class RunOptions:
     # What made each stage, recorded in its result.json: a stage reused by a
     # later run may have been trained on another machine, or by other code.
     machine: str = dataclasses.field(default_factory=device.description)
+    devices: str = dataclasses.field(default_factory=distribute.description)  # those sharing each batch
     commit: str = dataclasses.field(default_factory=reporting.git_commit)
 
 
@@ -245,7 +246,7 @@ def run_stage(stage, options, callbacks=()):
            if train.skipped else {}),
         "backend": keras.backend.backend(),
         "device": options.machine,
-        "devices": distribute.description(),
+        "devices": options.devices,
         "commit": options.commit,
         "checkpoint": str(directory / "model.keras"),
     }
