@@ -230,10 +230,11 @@ def test_cli_run_records_the_two_devices(data_root, tmp_path):
     first_line = done.stdout.splitlines()[0]
     assert "backend jax" in first_line and "2 JAX devices, data-parallel" in first_line
     out = tmp_path / "results" / "table1" / "quick-jax"
-    provenance = json.loads((out / "metrics.json").read_text())["provenance"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    provenance = metrics["provenance"]
     assert provenance["devices"] == "2 devices (cpu), keras.distribution.DataParallel"
     assert provenance["device"].endswith("; 2 JAX devices, data-parallel")
-    stage_results = [json.loads(f.read_text()) for f in (tmp_path / "work" / "stages").glob("*/result.json")]
+    stage_results = metrics["stages"].values()  # each stage's result.json, as run_recipe returned it
     assert stage_results and all((r["device"], r["devices"]) == (provenance["device"], provenance["devices"])
                                  for r in stage_results)  # each stage records them too
     assert "--data-parallel" in provenance["command"]
