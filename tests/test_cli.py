@@ -160,6 +160,8 @@ def test_stages_brought_from_another_machine_as_result_json_alone_are_reused_and
     table = (results_of(tmp_path / "results") / "table.md").read_text()
     assert ("Reused, made by another run: rotation, last_block.rotation_init, last_block.random_init "
             "(GPU Elsewhere, commit abc123).") in table
+    earlier = sum(stage["wall_seconds_this_run"] for stage in made.values()) / 60  # what making them took
+    assert f"plus {earlier:.1f} min in the earlier runs that made the 3 stages it reused." in table
 
     # A stage still to run needs the model of the one it starts from: that one trains again, the rest is reused.
     (tmp_path / "work" / "stages" / Path(made["last_block.rotation_init"]["checkpoint"]).parent.name
@@ -173,6 +175,8 @@ def test_stages_brought_from_another_machine_as_result_json_alone_are_reused_and
     assert "[stage 3/3] last_block.random_init: done before" in again.output
     table = (results_of(tmp_path / "results") / "table.md").read_text()
     assert "Reused, made by another run: last_block.random_init (GPU Elsewhere, commit abc123)." in table
+    earlier = made["last_block.random_init"]["wall_seconds_this_run"] / 60
+    assert f"plus {earlier:.1f} min in the earlier runs that made the 1 stage it reused." in table
 
 
 def test_run_that_fails_mid_way_leaves_earlier_results_untouched(table2_run, data_root, monkeypatch):

@@ -174,7 +174,7 @@ def markdown_table(metrics):
         f"(precision {', '.join(p['precision'])}, data format {', '.join(p['data_format'])}"
         f"{', fused BatchNorm' if 'on' in p.get('fused_batchnorm', []) else ''}"
         f"{', channels_last kernels' if 'on' in p.get('channels_last_kernels', []) else ''}), "
-        f"data: {p['data']}, commit {p['commit']}, {p['wall_seconds'] / 60:.1f} min.",
+        f"data: {p['data']}, commit {p['commit']}, {_minutes(metrics)}.",
         *_made_elsewhere(metrics),
     ]
     if "cifar10 (JPEG" in p["data"]:
@@ -209,6 +209,17 @@ def _made_elsewhere(metrics):
         return []
     parts = [f"{', '.join(names)} ({machine}, commit {commit})" for (machine, commit), names in made_by.items()]
     return [f"Reused, made by another run: {'; '.join(parts)}."]
+
+
+def _minutes(metrics):
+    """"3.5 min", and where the run reused stages, what making them took: a result merged from several runs."""
+    minutes = f"{metrics['provenance']['wall_seconds'] / 60:.1f} min"
+    reused = [stage for stage in metrics["stages"].values() if stage.get("cached")]
+    if not reused:
+        return minutes
+    earlier = sum(stage.get("wall_seconds_this_run", 0) for stage in reused) / 60  # older results have none
+    return (f"{minutes}, plus {earlier:.1f} min in the earlier runs that made the "
+            f"{len(reused)} stage{'s' if len(reused) > 1 else ''} it reused")
 
 
 def _data_parallel(provenance):
