@@ -37,10 +37,11 @@
 #   torch                        34 s with EPOCH_SECONDS=0; 114 s with EPOCH_SECONDS=70
 #                                and --profile
 #   the machine's start          about 35 s of the lease before the first command ran
-#   paper figure1                about 11.5 min of run, so two calls: on 2026-11-28 (lr 0.1,
-#                                commit 8f7fb33) a DEADLINE=555 call held 588 s and made
-#                                the rotation stage and 5 whole-network stages (36-40 s
-#                                each) and stopped in the 6th; 4.5 stages were left
+#   paper figure1                10.7 min of run, in two calls: on 2026-11-28 (lr 0.01,
+#                                commit ccdaed3) DEADLINE=555 made the rotation stage and
+#                                the 5 rotation-init stages (35-40 s each) in 555 s, then,
+#                                within the warm window, DEADLINE=240 the 5 random-init
+#                                stages in 234 s; 849 s of the lease held in all
 #   paper imagenette             not run: carry imagenette-96px.tar.gz (40 MB) in
 #                                .device too; with the CIFAR-10 archive and the
 #                                wheels that is 62 MB of the 64 MiB that travel
