@@ -217,7 +217,7 @@ def _minutes(metrics):
     reused = [stage for stage in metrics["stages"].values() if stage.get("cached")]
     if not reused:
         return minutes
-    earlier = sum(stage.get("wall_seconds_this_run", 0) for stage in reused) / 60  # older results have none
+    earlier = sum(stage["wall_seconds_this_run"] for stage in reused) / 60  # stages.run_stage always records it
     return (f"{minutes}, plus {earlier:.1f} min in the earlier runs that made the "
             f"{len(reused)} stage{'s' if len(reused) > 1 else ''} it reused")
 
