@@ -137,6 +137,18 @@ def test_report_redraws_from_metrics_with_the_recipes_citations_as_they_read_now
         assert "the upper anchors we aim past" in table  # the column's legend (reporting.COLUMN_LEGENDS)
         assert "72.50 from random weights" in table  # the recipe's notes
         assert json.loads((out / "metrics.json").read_text()) == older  # the run's record is not rewritten
+        assert "trained at" not in table  # every stage saw the same input
+
+        # A stage trained on larger images (as imagenette's rotation stage does): each row says its input.
+        older["stages"]["rotation"]["settings"].update(image_size=64, stem="cifar")
+        (out / "metrics.json").write_text(json.dumps(older))
+        result = invoke("report", "table2", "--results", root / "results", "--backend", keras.backend.backend())
+        assert result.exit_code == 0, result.output
+        table = (out / "table.md").read_text()
+        assert "| epochs | trained at |" in table
+        assert " | 64x64, CIFAR stem |" in table.split("| rotation |")[1].splitlines()[0]
+        classify_size = older["stages"]["last_block.rotation_init"]["settings"]["image_size"]
+        assert f" | {classify_size}x{classify_size}, " in table.split("| last_block.rotation_init |")[1].splitlines()[0]
     finally:
         (out / "metrics.json").write_bytes(recorded)
 

@@ -138,7 +138,11 @@ def markdown_table(metrics):
     """Our accuracy beside the references (reports A and B, or the paper's figure)."""
     networks = [name for name, stage in metrics["stages"].items() if stage["task"] != "probe"]
     columns = sorted({col for name in networks for col in metrics["reference"].get(name, {})})
-    header = ["quantity", "ours", *[_column_title(c) for c in columns], "train images", "epochs"]
+    # Where rows differ in what the network sees (ImageNette at 64x64, or another stem), say each row's.
+    inputs = {name: _trained_at(metrics["stages"][name]) for name in networks}
+    show_inputs = len(set(inputs.values())) > 1
+    header = ["quantity", "ours", *[_column_title(c) for c in columns], "train images", "epochs",
+              *(["trained at"] if show_inputs else [])]
     lines = [
         f"# {metrics['recipe']} ({metrics['preset']}): {metrics['title']}",
         "",
@@ -152,7 +156,7 @@ def markdown_table(metrics):
         ours, stage = metrics["accuracy"][name], metrics["stages"][name]
         ref = metrics["reference"].get(name, {})
         cells = [name, f"{ours:.2f}", *[_fmt(ref.get(c)) for c in columns]]
-        cells += [str(stage.get("train_images", "")), _epochs(stage)]
+        cells += [str(stage.get("train_images", "")), _epochs(stage), *([inputs[name]] if show_inputs else [])]
         lines.append("| " + " | ".join(cells) + " |")
     p = metrics["provenance"]
     lines += [
@@ -234,6 +238,15 @@ def _epochs(stage):
     """The epochs cell: "8", or "8 x 10000 images" where an epoch is not one pass over the train images."""
     epochs, per_epoch = stage["settings"]["epochs"], stage["settings"].get("samples_per_epoch")
     return f"{epochs} x {per_epoch} images" if per_epoch and per_epoch != stage.get("train_images") else str(epochs)
+
+
+def _trained_at(stage):
+    """The input a stage trained on: "64x64, CIFAR stem"."""
+    size, stem = stage["settings"]["image_size"], stage["settings"]["stem"]
+    return f"{size}x{size}, {STEM_NAMES.get(stem, stem)} stem"
+
+
+STEM_NAMES = {"cifar": "CIFAR", "imagenet": "ImageNet"}
 
 
 def _column_title(column):
