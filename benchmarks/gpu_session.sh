@@ -42,11 +42,17 @@
 #                                the 5 rotation-init stages (35-40 s each) in 555 s, then,
 #                                within the warm window, DEADLINE=240 the 5 random-init
 #                                stages in 234 s; 849 s of the lease held in all
-#   paper imagenette             not run: carry imagenette-96px.tar.gz (40 MB) in
-#                                .device too; with the CIFAR-10 archive and the
-#                                wheels that is 62 MB of the 64 MiB that travel
-#   paper table4                 not run: DenseNet121 with the CIFAR stem; size its
-#                                step first (NETWORKS=densenet121-cifar EPOCH_SECONDS=0 ... torch)
+#   paper imagenette             264 s in one call (commit a9e5c7b, 2026-11-28): the 64x64
+#                                rotation stage 160 s (45 epochs of about 3 s), CIFAR-10 46 s;
+#                                carry imagenette-96px.tar.gz (40 MB) in .device too: with the
+#                                CIFAR-10 archive and the wheels, 62 MB of the 64 MiB that travel
+#   torch, NETWORKS=densenet121-cifar,densenet121-imagenet EPOCH_SECONDS=0
+#                                about 70 s: DenseNet121 9,386 rotated samples/s with the CIFAR
+#                                stem (16 min for 45 epochs), 45,121 with the ImageNet stem
+#   paper table4                 with its ResNet18 stages' result.json carried: DenseNet121's
+#                                rotation stage 290 s (45 epochs of 4.8 s, the first 12 s),
+#                                its whole-network stage 20 epochs of 3.6-4.2 s (about 100 s);
+#                                DEADLINE=420 stopped that one at epoch 9 (commit 0b427a3)
 #
 # Needs, in .device/ (named in `carry`): commit-manifest, the keras, namex and optree wheels
 # for CPython 3.12 under whl/, and cifar10-jpeg.tar.gz (imagenette-96px.tar.gz
