@@ -240,13 +240,13 @@ def _epochs(stage):
     return f"{epochs} x {per_epoch} images" if per_epoch and per_epoch != stage.get("train_images") else str(epochs)
 
 
+STEM_NAMES = {"cifar": "CIFAR", "imagenet": "ImageNet"}  # models.STEMS, as the tables' prose writes them
+
+
 def _trained_at(stage):
     """The input a stage trained on: "64x64, CIFAR stem"."""
     size, stem = stage["settings"]["image_size"], stage["settings"]["stem"]
-    return f"{size}x{size}, {STEM_NAMES.get(stem, stem)} stem"
-
-
-STEM_NAMES = {"cifar": "CIFAR", "imagenet": "ImageNet"}
+    return f"{size}x{size}, {STEM_NAMES[stem]} stem"  # config checks stem is one of models.STEMS
 
 
 def _column_title(column):
