@@ -65,7 +65,7 @@ def test_head_swap_keeps_backbone_weights_and_starts_a_new_head():
     _train_step(rotnet, num_classes=4)
     classifier = models.build_model("resnet18", 10, stem="imagenet")
     copied = models.transfer_weights(rotnet, classifier)
-    assert copied == sum(1 for l in classifier.layers if l.weights and models.block_of(l.name) != "head")
+    assert copied == sum(1 for layer in classifier.layers if layer.weights and models.block_of(layer.name) != "head")
     for layer in classifier.layers:
         if layer.weights and models.block_of(layer.name) != "head":
             for a, b in zip(layer.get_weights(), rotnet.get_layer(layer.name).get_weights()):
