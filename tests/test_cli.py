@@ -340,6 +340,17 @@ def test_invalid_backend_is_one_line_without_traceback():
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+def test_backend_that_is_not_installed_is_one_line_without_traceback(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "jax" else real(name, *rest))
+    result = CliRunner().invoke(main, ["list"], env={"KERAS_BACKEND": "jax"})
+    assert result.exit_code == 1
+    assert result.output == "error: KERAS_BACKEND=jax, but jax is not installed here: pip install jax " \
+                            "(see README.md, Install), or choose another backend\n"
+
+
 def test_kill_9_mid_run_then_the_same_command_resumes_without_losing_or_repeating_epochs(tmp_path, data_root):
     import signal
     import time

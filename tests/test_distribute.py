@@ -7,6 +7,7 @@ before JAX is imported. So the JAX checks run in a fresh Python process,
 whatever backend runs this file; the other tests run in this one.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -22,6 +23,8 @@ from kerasrot.runner.cli import main
 from tests.test_cli import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
+# The checks that run JAX itself; on a torch-only install (README's Tests) they skip.
+needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
 TWO_CPU_DEVICES = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
 
@@ -128,15 +131,18 @@ def check_same_training(out):
     assert out["weights_two_vs_resumed"] < 1e-6
 
 
+@needs_jax
 def test_two_devices_train_like_one_and_resume_like_an_uninterrupted_run(tmp_path):
     check_same_training(same_training("small", tmp_path))
 
 
+@needs_jax
 @pytest.mark.slow
 def test_two_devices_train_a_resnet18_like_one_and_resume_it(tmp_path):
     check_same_training(same_training("resnet18", tmp_path))
 
 
+@needs_jax
 def test_batchnorm_statistics_are_those_of_the_whole_batch(tmp_path):
     # Each device holds half of the batch, 0, 0 on one and 10, 10 on the other.
     # After one step with momentum 0 the moving statistics are the batch's:
@@ -156,6 +162,7 @@ def test_batchnorm_statistics_are_those_of_the_whole_batch(tmp_path):
     assert mean == pytest.approx(5.0) and variance == pytest.approx(25.0)
 
 
+@needs_jax
 def test_last_batches_that_do_not_split_are_named(tmp_path):
     out = run_on_two_jax_devices("""
         import numpy as np
@@ -176,6 +183,7 @@ def test_last_batches_that_do_not_split_are_named(tmp_path):
     assert "change classify.batch_size" in out
 
 
+@needs_jax
 def test_two_processes_connect_and_share_one_batch(tmp_path):
     # Two hosts, played by two processes on this machine with one CPU device
     # each: keras.distribution.initialize() connects them through the
@@ -221,6 +229,7 @@ def test_two_processes_connect_and_share_one_batch(tmp_path):
         assert float(mean) == pytest.approx(6.0) and float(variance) == pytest.approx(26.0)  # of 0, 2, 10, 12
 
 
+@needs_jax
 def test_cli_run_records_the_two_devices(data_root, tmp_path):
     command = [sys.executable, "-m", "kerasrot", "run", "table1", "--data-parallel", "--data-dir", str(data_root),
                "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "results"), *TINY]
@@ -242,6 +251,7 @@ def test_cli_run_records_the_two_devices(data_root, tmp_path):
     assert "2 JAX devices, data-parallel" in (out / "table.md").read_text()
 
 
+@needs_jax
 def test_batch_that_does_not_split_is_one_line_naming_the_setting(data_root, tmp_path):
     command = [sys.executable, "-m", "kerasrot", "run", "table2", "--data-parallel", "--data-dir", str(data_root),
                "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "results"), *TINY,

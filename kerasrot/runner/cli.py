@@ -6,6 +6,7 @@ Keras is imported inside the commands, after `KERAS_BACKEND` is checked,
 so even a wrong backend name gets a clear answer.
 """
 
+import importlib.util
 import os
 import re
 import shlex
@@ -33,6 +34,9 @@ def _check_backend():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's runtime logs (start-up: below)
     if name not in BACKENDS:
         raise Failure(f"error: KERAS_BACKEND={name!r} is not supported; use one of {', '.join(BACKENDS)}")
+    if importlib.util.find_spec(name) is None:  # else `import keras` ends in a ModuleNotFoundError traceback
+        raise Failure(f"error: KERAS_BACKEND={name}, but {name} is not installed here: pip install {name} "
+                      "(see README.md, Install), or choose another backend")
 
 
 def _import_tensorflow_quietly():
@@ -46,7 +50,6 @@ def _import_tensorflow_quietly():
     So the import runs with the stderr file descriptor sent to a temporary
     file, which is shown only if the import fails.
     """
-    import importlib.util
     import tempfile
 
     if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
