@@ -1,5 +1,6 @@
 """Shared fixtures: tiny synthetic image folders laid out like the real data."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -29,6 +30,12 @@ def write_image_folders(root, dataset, splits, per_class, size, suffix=".png", s
                 pixels[: size // 2, : size // 4] = 255  # an "up-left" mark: rotations differ
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}{suffix}", quality=quality)
     return Path(root)
+
+
+def pretend_not_installed(monkeypatch, module):
+    """Makes `importlib.util.find_spec(module)` answer None, as on a machine without that package."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == module else real(name, *rest))
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from kerasrot.runner.cli import main
+from tests.conftest import pretend_not_installed
 
 TINY = [
     "--set", "rotation.images_per_class=3", "--set", "rotation.test_images_per_class=2",
@@ -341,10 +342,7 @@ def test_invalid_backend_is_one_line_without_traceback():
 
 
 def test_backend_that_is_not_installed_is_one_line_without_traceback(monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "jax" else real(name, *rest))
+    pretend_not_installed(monkeypatch, "jax")
     result = CliRunner().invoke(main, ["list"], env={"KERAS_BACKEND": "jax"})
     assert result.exit_code == 1
     assert result.output == "error: KERAS_BACKEND=jax, but jax is not installed here: pip install jax " \

@@ -1,11 +1,9 @@
-import importlib.util
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from kerasrot import data
-from tests.conftest import write_image_folders
+from tests.conftest import pretend_not_installed, write_image_folders
 
 
 def test_image_folder_split_loads_every_image_with_sorted_class_labels(data_root):
@@ -51,8 +49,7 @@ def test_grayscale_and_png_images_among_jpegs_load_as_rgb(tmp_path, monkeypatch,
     if tensorflow_installed:
         pytest.importorskip("tensorflow_datasets")
     else:  # the Pillow reader, as on a machine without TensorFlow
-        real = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "tensorflow" else real(name))
+        pretend_not_installed(monkeypatch, "tensorflow")
     write_image_folders(tmp_path, "cifar10", ["test"], 2, 32, suffix=".jpg")
     folder = tmp_path / "cifar10" / "test" / "class3"
     Image.fromarray(np.full((32, 32), 200, dtype=np.uint8), mode="L").save(folder / "gray.jpg")
