@@ -442,3 +442,42 @@ def test_a_manifest_wins_over_a_git_checkout_still_at_an_older_commit(tmp_path, 
     manifest.write_text("0123abc\n" + listed.stdout)
     monkeypatch.setenv(reporting.MANIFEST_VARIABLE, str(manifest))
     assert reporting.git_commit() in ("0123abc", "0123abc-dirty")  # -dirty while kerasrot/ has changes
+
+
+def test_an_installed_copy_names_the_commit_it_was_built_from(tmp_path):
+    """`pip install .` leaves .git behind: the wheel carries BUILD_COMMIT (setup.py), and a copy without it says so."""
+    import zipfile
+
+    from kerasrot import __version__
+    from kerasrot.runner import reporting
+
+    import shutil
+
+    root = Path(reporting.__file__).resolve().parents[2]
+    if not (root / "setup.py").exists():
+        pytest.skip("kerasrot is installed, not run from its source tree")
+    clone = tmp_path / "clone"  # the source as it is now, committed in a repository of its own
+    clone.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(root / name, clone / name)
+    for name in ("recipes", "kerasrot"):
+        shutil.copytree(root / name, clone / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "BUILD_COMMIT"))
+    git = ["git", "-C", clone, "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "one"]):
+        subprocess.run(git + command, check=True, capture_output=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "wheel", clone],
+                   check=True, capture_output=True)
+    site = tmp_path / "site"
+    with zipfile.ZipFile(next((tmp_path / "wheel").glob("kerasrot-*.whl"))) as wheel:
+        wheel.extractall(site)
+    ask = [sys.executable, "-c", "from kerasrot.runner import reporting; print(reporting.git_commit())"]
+
+    def commit():
+        return subprocess.run(ask, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    assert commit() == f"{head} (installed kerasrot {__version__})"
+    (site / "kerasrot" / "BUILD_COMMIT").unlink()  # built from an archive, not a checkout
+    assert commit() == f"unknown (installed kerasrot {__version__}, not built from a git checkout)"

@@ -18,7 +18,7 @@ from pathlib import Path
 from kerasrot.data import FOLDER, TFDS
 from kerasrot.runner import files
 
-PACKAGES = ("keras", "torch", "jax", "tensorflow", "tensorflow-cpu", "tensorflow-datasets", "numpy")
+PACKAGES = ("kerasrot", "keras", "torch", "jax", "tensorflow", "tensorflow-cpu", "tensorflow-datasets", "numpy")
 HISTORY_FIELDS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
 
 
@@ -37,14 +37,24 @@ SOURCE_FOLDERS = ("kerasrot", "recipes")
 # commit is: its first line, then `git ls-files -s -- kerasrot recipes`
 # (benchmarks/gpu_session.sh prepare). Set, it wins over git.
 MANIFEST_VARIABLE = "KERASROT_COMMIT_MANIFEST"
+BUILD_COMMIT = "BUILD_COMMIT"  # in an installed package: the commit it was built from (setup.py)
 
 
 def git_commit():
-    """The commit whose code runs, with "-dirty" if kerasrot/ or recipes/ differ from it."""
+    """The commit whose code runs, with "-dirty" if kerasrot/ or recipes/ differ from it.
+
+    From a clone (or an editable install) git says; an installed copy names
+    the commit it was built from (`BUILD_COMMIT`, written by setup.py).
+    """
     root = Path(__file__).resolve().parents[2]
     if os.environ.get(MANIFEST_VARIABLE):
         return commit_from_manifest(root, os.environ[MANIFEST_VARIABLE])
+    built = root / "kerasrot" / BUILD_COMMIT
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        if Path(top).resolve() != root:  # site-packages inside some repository (a .venv in the clone)
+            raise subprocess.CalledProcessError(1, "git")
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
@@ -53,8 +63,16 @@ def git_commit():
             cwd=root, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
+        if built.exists():
+            return f"{built.read_text().strip()} (installed kerasrot {kerasrot_version()})"
+        return f"unknown (installed kerasrot {kerasrot_version()}, not built from a git checkout)"
     return commit + ("-dirty" if dirty else "")
+
+
+def kerasrot_version():
+    from kerasrot import __version__
+
+    return __version__
 
 
 def commit_from_manifest(root, manifest):
