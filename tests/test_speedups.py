@@ -92,15 +92,15 @@ def test_mixed_bfloat16_follows_float32_within_its_precision(trajectory, fast_la
 def test_fast_copy_swaps_only_the_batchnorm_conv_and_folded_padding_layers_and_keeps_the_weights():
     model = models.build_model(**SPEC, data_format="channels_first")
     fused = speed.with_fast_layers(model, fused_batchnorm=True, channels_last_kernels=True)
-    fast_classes = (speed.FusedBatchNormalization, speed.ChannelsLastKernelConv2D)
+    fast_classes = (speed.FusedBatchNormalization, speed.ChannelsLastKernelConv2D, speed.PaddedMaxPooling2D)
     swapped = [layer.name for layer in fused.layers if type(layer) in fast_classes]
-    assert swapped == [layer.name for layer in model.layers
-                       if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.Conv2D))]
-    # The padding before each strided 3x3 or 7x7 convolution moved into it; the max-pool keeps its own.
+    assert swapped == [layer.name for layer in model.layers if isinstance(
+        layer, (keras.layers.BatchNormalization, keras.layers.Conv2D, keras.layers.MaxPooling2D))]
+    # The padding before each strided 3x3 or 7x7 convolution moved into it, and the stem's into its max-pool.
     folded = {layer.name: layer.implicit_padding for layer in fused.layers if getattr(layer, "implicit_padding", 0)}
-    assert folded == {"stem_conv": 3, "layer2_block1_conv1": 1, "layer3_block1_conv1": 1, "layer4_block1_conv1": 1}
+    assert folded == {"stem_conv": 3, "stem_pool": 1, "layer2_block1_conv1": 1, "layer3_block1_conv1": 1,
+                      "layer4_block1_conv1": 1}
     assert all(type(fused.get_layer(f"{name}_pad")) is keras.layers.Identity for name in folded)
-    assert type(fused.get_layer("stem_pool_pad")) is keras.layers.ZeroPadding2D
     untouched = [name for name in (layer.name for layer in model.layers) if name not in swapped
                  and name.removesuffix("_pad") not in folded]
     assert [type(fused.get_layer(name)) for name in untouched] == [type(model.get_layer(name)) for name in untouched]
@@ -149,6 +149,70 @@ def test_implicit_padding_convolves_as_zero_padding_then_a_valid_convolution(dat
         elif layer is stock:
             assert pads  # the count is not vacuous: the stock pair pads
     np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a PyTorch-backend convolution")
+@pytest.mark.parametrize("size, kernel, strides, padding, implicit, dense", [
+    (1, 3, 1, "same", 0, True),  # layer4 at 32x32 with the ImageNet stem: the centre tap alone
+    (2, 3, 2, "valid", 1, True),  # its first convolution: one window on a 2x2 map
+    (2, 3, 1, "same", 0, True),  # layer3: each of 4 windows spans the 2x2 map
+    (2, 5, 1, "same", 0, True),
+    (1, 7, 2, "valid", 3, True),
+    (3, 4, 2, "same", 0, False),  # asymmetric "same" padding, windows that miss a row: conv2d
+    (4, 3, 1, "same", 0, False),
+    (5, 3, 2, "valid", 1, False),
+])
+def test_convolutions_as_matrix_products_compute_what_conv2d_computes(size, kernel, strides, padding, implicit,
+                                                                       dense):
+    """Outputs and both gradients, alike to float tolerance, and the same bits from run to run."""
+    import torch
+
+    shape = (3, 6, size, size)
+    x = np.random.default_rng(0).normal(size=shape).astype("float32")
+    common = dict(filters=4, kernel_size=kernel, strides=strides, padding=padding, use_bias=False,
+                  data_format="channels_first")
+    stock = keras.layers.Conv2D(**common)
+    fast = speed.ChannelsLastKernelConv2D(**common, implicit_padding=implicit)
+    stock.build((3, 6, size + 2 * implicit, size + 2 * implicit))
+    fast.build(shape)
+    fast.kernel.assign(stock.kernel)
+    padded = np.pad(x, [(0, 0), (0, 0), (implicit, implicit), (implicit, implicit)])
+    results = []
+    for layer, inputs in ((stock, padded), (fast, x), (fast, x)):
+        inputs = torch.tensor(inputs, requires_grad=True)
+        layer.kernel.value.grad = None
+        outputs = layer(inputs)
+        (outputs * torch.linspace(-1, 1, outputs.numel()).reshape(outputs.shape)).sum().backward()
+        grad_x = inputs.grad.numpy()
+        if layer is stock:  # its input was padded by hand
+            grad_x = grad_x[:, :, implicit:implicit + size, implicit:implicit + size]
+        results.append((outputs.detach().numpy(), grad_x, layer.kernel.value.grad.numpy().copy()))
+    (stock_results, fast_results, again) = results
+    for ours, theirs, repeated in zip(fast_results, stock_results, again):
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(ours, repeated)
+    before, after = (implicit, implicit) if implicit else speed.padding_of(padding, size, kernel, strides)
+    assert (speed.windows_over_the_whole_input(size, kernel, strides, before, after) is not None) == dense
+
+
+def test_a_max_pool_takes_in_its_zero_padding_only_after_a_relu():
+    """PyTorch pads a max-pool with minus infinity: the same maxima as zeros only where no input is negative."""
+    if keras.backend.backend() == "tensorflow":
+        pytest.skip("TensorFlow's CPU pooling supports channels_last only")
+    inputs = keras.Input((4, 9, 9))
+    relu = keras.layers.ReLU(name="relu")(inputs)
+    pooled = keras.layers.MaxPooling2D(3, 2, data_format="channels_first", name="pool")(
+        keras.layers.ZeroPadding2D(1, data_format="channels_first", name="pool_pad")(relu))
+    raw = keras.layers.MaxPooling2D(3, 2, data_format="channels_first", name="raw")(
+        keras.layers.ZeroPadding2D(1, data_format="channels_first", name="raw_pad")(inputs))
+    model = keras.Model(inputs, [pooled, raw])
+    fast = speed.with_fast_layers(model, channels_last_kernels=True)
+    assert type(fast.get_layer("pool")) is speed.PaddedMaxPooling2D
+    assert type(fast.get_layer("raw")) is keras.layers.MaxPooling2D  # negative inputs: the zeros matter
+    x = np.random.default_rng(0).normal(size=(2, 4, 9, 9)).astype("float32")
+    for ours, theirs in zip(fast(x), model(x)):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
 
 
 def _momentum_run(lay_out_slots):

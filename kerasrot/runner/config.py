@@ -105,7 +105,8 @@ SETTINGS = {
     "precision": Setting(str, "compute precision", PRECISIONS, tasks=IMAGE_TASKS),
     "fused_batchnorm": Setting(str, "BatchNorm with PyTorch's fused kernel (torch backend only)", ON_OFF,
                                tasks=IMAGE_TASKS),
-    "channels_last_kernels": Setting(str, "conv kernels in PyTorch's channels_last memory, padding inside conv2d (torch, NCHW); auto: on",
+    "channels_last_kernels": Setting(str, "conv kernels in PyTorch's channels_last memory, padding inside conv2d "
+                                     "and max_pool2d, small maps as matrix products (torch, NCHW); auto: on",
                                      ON_OFF, tasks=IMAGE_TASKS),
     "jit_compile": Setting(str, "compile the train step (XLA / torch.compile); auto: JAX only", JIT_COMPILE),
     "cuda_graphs": Setting(str, "record the train and test steps as CUDA graphs (torch on a GPU); auto: there",
