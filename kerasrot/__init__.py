@@ -19,7 +19,8 @@ whole experiment with the functions below and `model.fit`.
 
 The experiment's modules, in reading order: `kerasrot.data`,
 `kerasrot.rotations`, `kerasrot.pipeline`, `kerasrot.models`,
-`kerasrot.training`. `kerasrot.runner` is the machinery behind the
+`kerasrot.training`, then `kerasrot.frozen` and `kerasrot.probes`
+(what frozen blocks compute, computed once). `kerasrot.runner` is the machinery behind the
 `kerasrot` command (recipes, the stage cache, speed-ups, reports).
 """
 

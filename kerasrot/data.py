@@ -46,14 +46,16 @@ class DataError(Exception):
 class DatasetInfo:
     tfds_name: str
     splits: dict  # our split name -> (image folder name, tfds split name)
+    sizes: dict  # our split name -> its images
     num_classes: int = 10
     per_class: dict = dataclasses.field(default_factory=dict)  # split -> images of every class, where all are alike
 
 
 DATASETS = {
     "cifar10": DatasetInfo("cifar10", {"train": ("train", "train"), "test": ("test", "test")},
-                           per_class={"train": 5000, "test": 1000}),
-    "imagenette": DatasetInfo("imagenette/160px-v2", {"train": ("train", "train"), "test": ("val", "validation")}),
+                           {"train": 50000, "test": 10000}, per_class={"train": 5000, "test": 1000}),
+    "imagenette": DatasetInfo("imagenette/160px-v2", {"train": ("train", "train"), "test": ("val", "validation")},
+                              {"train": 9469, "test": 3925}),
 }
 
 

@@ -113,6 +113,18 @@ class Batches(keras.utils.PyDataset):
         self.epoch = epoch
         self.plan = EpochPlan(len(self.images), self.epoch_length, self.seed, epoch, self.shuffle, self.augment)
 
+    def of(self, arrays):
+        """The same batches (order, epochs, process share) of `arrays` in place of the images.
+
+        `arrays[i]` stands for image i: its frozen features, say
+        (`kerasrot.frozen`). Crops, flips and rotations are of images, so
+        these batches must have none.
+        """
+        if self.augment or self.rotations:
+            raise ValueError("batches with crop + flip or rotations make them from images: they take no other arrays")
+        return Batches(arrays, self.labels, self.batch_size, shuffle=self.shuffle, seed=self.seed,
+                       epoch_length=self.epoch_length, process_shard=(self.process_index, self.process_count))
+
     def make_batch(self, images, labels, offsets, flips, xp=keras.ops):
         """The pixel work of one batch, with the array module `xp` (see `kerasrot.rotations`).
 

@@ -28,9 +28,9 @@ fixed affine map, so the linear probe stays linear.
 """
 
 import keras
-import numpy as np
 from keras import layers
 
+from kerasrot.frozen import frozen_outputs
 from kerasrot.models import block_of
 
 PROBED_BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -62,18 +62,9 @@ def feature_extractor(model, blocks=PROBED_BLOCKS):
     return extractor
 
 
-def block_features(model, batches, blocks=PROBED_BLOCKS):
+def block_features(model, batches, blocks=PROBED_BLOCKS, on_batch=None):
     """`{block: float32 array [N, cells, C]}` and the labels, for every image of `batches` (in order)."""
-    extractor = feature_extractor(model, blocks)
-    features = {block: [] for block in blocks}
-    labels = []
-    for i in range(len(batches)):
-        images, batch_labels = batches[i]
-        outputs = extractor(images, training=False)
-        for block in blocks:
-            features[block].append(keras.ops.convert_to_numpy(outputs[block]).astype("float32"))
-        labels.append(keras.ops.convert_to_numpy(batch_labels))
-    return {block: np.concatenate(arrays) for block, arrays in features.items()}, np.concatenate(labels)
+    return frozen_outputs(feature_extractor(model, blocks), batches, on_batch)
 
 
 def probe(kind, cells, channels, num_classes, name=None):

@@ -270,8 +270,8 @@ def read_history(path):
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
-def accuracy(model, batches):
-    """Top-1 accuracy in percent of `model` on every sample of `batches`."""
+def accuracy(model, batches, on_batch=None):
+    """Top-1 accuracy in percent of `model` on every sample of `batches`; `on_batch()` after each batch."""
     correct = total = 0
     for i in range(len(batches)):
         images, labels = batches[i]
@@ -279,4 +279,6 @@ def accuracy(model, batches):
         labels = keras.ops.convert_to_numpy(labels)
         correct += int(np.sum(predicted == labels))
         total += len(labels)
+        if on_batch:
+            on_batch()
     return 100.0 * correct / total

@@ -149,13 +149,23 @@ def show(recipe, preset, overrides):
     """The stages and every setting of RECIPE, after preset and overrides."""
     from kerasrot.runner import config
 
+    from kerasrot.runner.progress import count_work
+
     loaded = config.load(recipe, preset, config.parse_overrides(overrides))
     click.echo(f"{loaded.name} --preset {preset}: {loaded.title}\n{loaded.reproduces}\n")
+    work = count_work(loaded.stages)
     for stage in loaded.stages:
         click.echo(f"stage {stage.name} ({stage.task})")
         for key, value in stage.settings.items():
             shown = "all" if value is None else value
             click.echo(f"  {stage.task}.{key:22s} = {shown!r:12}  # {config.SETTINGS[key].help}")
+        for item in work[stage.name]:
+            click.echo(f"  work, {item.describe()}")
+    known = all(item.samples is not None for items in work.values() for item in items)
+    total = sum(item.worth for items in work.values() for item in items)
+    click.echo(f"\nwork in all: {total:,.0f} training samples of the whole network, or their cost"
+               + ("" if known else " (and the images of own folders, counted when read)")
+               + "; time = that / the training rate of `python benchmarks/throughput.py`, plus reading the data")
 
 
 @main.command()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import keras
 
-from kerasrot import data, folders, models, probes, training
+from kerasrot import data, folders, frozen, models, probes, training
 from kerasrot.pipeline import Batches
 from kerasrot.rotations import NUM_ROTATIONS
 from kerasrot.runner import device, distribute, files, reporting, speed
@@ -111,8 +111,10 @@ def load_data(settings, data_dir, task):
     """Train and test `Split`s of the stage's dataset, subset as its settings say."""
     splits = []
     for split, key in (("train", "images_per_class"), ("test", "test_images_per_class")):
+        # The built-in datasets have labels: one read of a split serves rotation and classification alike.
+        labelled = task != "rotation" or settings["dataset"] in data.DATASETS
         whole = data.load_split(settings["dataset"], split, settings["image_size"], data_dir,
-                                labelled=task != "rotation", streaming=settings.get("streaming") == "on",
+                                labelled=labelled, streaming=settings.get("streaming") == "on",
                                 bad_images=settings.get("bad_images", "error"))
         try:
             chosen = data.balanced_subset(whole.labels, settings[key], settings["seed"])
@@ -160,7 +162,7 @@ def initial_model(stage, workdir, num_classes):
 _features = {}  # the last model's block features: the probes of one model share them
 
 
-def probe_data(stage, options):
+def probe_data(stage, options, tracker=None):
     """Every block's features of the stage's frozen model, for its train and test images (`kerasrot.probes`)."""
     s = stage.settings
     source = stage.init_stage.key if stage.init_stage else f"random {s['model']} {s['stem']} seed {s['seed']}"
@@ -175,15 +177,23 @@ def probe_data(stage, options):
             model = models.build_model(s["model"], NUM_ROTATIONS, s["stem"], s["image_size"])
         train, test = load_data(s, options.data_dir, stage.task)
         extract = [Batches(split.images, split.labels, s["batch_size"]) for split in (train, test)]
-        _features[key] = [probes.block_features(model, batches) for batches in extract], train, test
+        total, done = len(train) + len(test), [0]
+
+        def tick(images):
+            done[0] += images
+            tracker.advance(images * tracker.cost("features of every block, once"),
+                            lambda: f"block features, {done[0]:,}/{total:,} images")
+
+        _features[key] = ([probes.block_features(model, batches, on_batch=tick if tracker else None)
+                           for batches in extract], train, test)
     return _features[key]
 
 
-def stage_model_and_data(stage, options):
+def stage_model_and_data(stage, options, tracker=None):
     """`(model, train batches, test batches, train split)` of a stage, the model with its init weights."""
     s = stage.settings
     if stage.task == "probe":
-        ((train_features, train_labels), (test_features, test_labels)), train, _ = probe_data(stage, options)
+        ((train_features, train_labels), (test_features, test_labels)), train, _ = probe_data(stage, options, tracker)
         block = s["block"]
         keras.utils.set_random_seed(s["seed"])
         cells, channels = train_features[block].shape[1:]
@@ -210,15 +220,38 @@ def saved_copy(stage, model):
     return portable
 
 
-def run_stage(stage, options, callbacks=()):
+def on_frozen_outputs(model, train_batches, test_batches, tracker):
+    """`(trainable part, train, test batches of the frozen part's outputs)` (`kerasrot.frozen`).
+
+    The frozen part runs once over every train and test image; the batches
+    of its outputs keep the images' order, epoch by epoch.
+    """
+    frozen_part, trainable_part = frozen.split_at_frozen(model)
+    total, done = len(train_batches.images) + len(test_batches.images), [0]
+
+    def tick(images):
+        done[0] += images
+        tracker.advance(images * tracker.cost("frozen part, once"), lambda: f"frozen part, {done[0]:,}/{total:,} images")
+
+    outputs = []
+    for batches in (train_batches, test_batches):
+        every_image = Batches(batches.images, batches.labels, batches.batch_size)  # once each, in order
+        outputs.append(batches.of(frozen.frozen_outputs(frozen_part, every_image, on_batch=tick)[0]))
+    return (trainable_part, *outputs)
+
+
+def run_stage(stage, options, tracker):
     """Trains one stage (or resumes it) and returns its result dict."""
     s = stage.settings
     directory = stage_dir(options.workdir, stage)
-    model, train_batches, test_batches, train = stage_model_and_data(stage, options)
+    model, train_batches, test_batches, train = stage_model_and_data(stage, options, tracker)
+    fitted, train_data, test_data = model, train_batches, test_batches
+    if stage.task == "classify" and frozen.computed_once(s["trainable"], s["augment"]):
+        fitted, train_data, test_data = on_frozen_outputs(model, train_batches, test_batches, tracker)
     start = time.perf_counter()
     try:
-        history = training.train(model, train_batches, test_batches, s, directory / "checkpoints",
-                                 callbacks=callbacks, log=options.log)
+        history = training.train(fitted, train_data, test_data, s, directory / "checkpoints",
+                                 callbacks=[Progress(tracker, train_data, test_data)], log=options.log)
     except training.Diverged as error:
         kept = f"the checkpoint of epoch {error.epoch - 1} stays in {directory / 'checkpoints'}" if error.epoch > 1 \
             else "no epoch finished"
@@ -227,7 +260,9 @@ def run_stage(stage, options, callbacks=()):
             f"Try a lower {stage.task}.learning_rate"
         ) from None
     portable = saved_copy(stage, model)
-    test_accuracy = training.accuracy(portable, test_batches)
+    per_batch = test_batches.num_samples / len(test_batches) * tracker.cost("test of the saved model")
+    test_accuracy = training.accuracy(portable, test_batches, on_batch=lambda: tracker.advance(
+        per_batch, lambda: "testing the saved model"))
     files.save_model(portable, directory / "model.keras")
     result = {
         "name": stage.name,
@@ -278,7 +313,7 @@ def models_still_needed(stages, workdir):
 def run_recipe(recipe, options):
     """Runs every stage of `recipe` (those already done are read back) -> stage results."""
     resolve_stages(recipe, options)
-    tracker = RunTracker(recipe.stages, options.log)
+    tracker = RunTracker(recipe.stages, options.log, plain=not sys.stdout.isatty())
     results = {}
     total = len(recipe.stages)
     with files.workdir_lock(options.workdir):
@@ -296,8 +331,8 @@ def run_recipe(recipe, options):
                             f"reusing {done.parent} ({results[stage.name]['accuracy']:.2f}%)")
                 continue
             tracker.start_stage(stage, index, total)
-            result = run_stage(stage, options, callbacks=[Progress(tracker)])
+            result = run_stage(stage, options, tracker)
             results[stage.name] = {**result, "cached": False}
-            tracker.skip(stage)
+            tracker.finish_stage()
             options.log(f"[stage {index}/{total}] {stage.name}: test accuracy {result['accuracy']:.2f}%")
     return results
