@@ -218,8 +218,8 @@ At the default sizes, on 2 CPU cores (an AMD EPYC with AVX512-BF16, torch
 backend, 20 minutes), the rotation model reached 73.5%, and the final block
 trained from its weights 54.7% against 43.3% from random weights: the
 frozen rotation features are worth eleven points. `kerasrot run table2
---preset quick` gives the same picture in 7 minutes (70.2%, 49.1% against
-40.8%: results/table2/quick/). The reports
+--preset quick` gives the same picture in 8 minutes on 2 AVX2-only cores
+(68.3%, 51.4% against 44.7%: results/table2/quick/). The reports
 this reproduces, with 45 rotation epochs and all 50,000 images, found 62%
 against 45%; `kerasrot run table2 --preset paper` runs that budget.
 """

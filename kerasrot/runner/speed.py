@@ -34,9 +34,9 @@ each is a setting whose "auto" this module turns into a choice:
   layer3 and layer4 at 32x32 with the ImageNet stem see 2x2 and 1x1 maps)
   it is one matrix product of the taps that meet real pixels
   (`as_matrix_product`): on a 1x1 map `conv2d` multiplies 8 of a 3x3
-  kernel's 9 taps by padding. A quick rotation step on 2 cores ran 2.1x
-  faster with it in float32 under AVX2 kernels, 1.6x in bfloat16
-  (results/benchmarks.md).
+  kernel's 9 taps by padding. With these two, the quick rotation stage
+  trained 2.4x faster on 2 AVX2-only cores in float32 (results/backends.md,
+  "A quick preset for a small CPU").
 * `jit_compile`: on for JAX, which runs op by op uncompiled.
 * `cuda_graphs`: on a CUDA GPU under torch, the train and test steps are
   recorded once and replayed (`kerasrot.runner.cuda_graphs`): Keras'
