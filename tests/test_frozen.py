@@ -44,7 +44,8 @@ def test_frozen_outputs_are_computed_once_in_order_in_inference_mode():
     outputs, got_labels = frozen.frozen_outputs(frozen_part, Batches(images, labels, 4), on_batch=sizes.append)
     assert sizes == [4, 4, 2] and list(got_labels) == list(range(10))
     expected = keras.ops.convert_to_numpy(frozen_part(images.astype("float32"), training=False))
-    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+    # float32 round-off: XLA (JAX) sums in another order for a batch of 4 than of 10 (up to 5e-5 seen)
+    np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=2e-4)
 
 
 def test_training_the_trainable_part_on_frozen_outputs_equals_training_the_whole_model():
