@@ -134,6 +134,17 @@ class RunTracker:
     def skip(self, stage):
         self.left[stage.name] = 0.0
 
+    def counter(self, what, label, total):
+        """An `on_batch(images)` for a pass of the stage outside `model.fit` (frozen outputs, block features)."""
+        done = 0
+
+        def on_batch(images):
+            nonlocal done
+            done += images
+            self.advance(images * self.cost(what), lambda: f"{label}, {done:,}/{total:,} images")
+
+        return on_batch
+
     def finish_stage(self):
         self.left[self.stage.name] = 0.0
 

@@ -15,6 +15,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from kerasrot import __version__
 from kerasrot.data import FOLDER, TFDS
 from kerasrot.runner import files
 
@@ -64,15 +65,9 @@ def git_commit():
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         if built.exists():
-            return f"{built.read_text().strip()} (installed kerasrot {kerasrot_version()})"
-        return f"unknown (installed kerasrot {kerasrot_version()}, not built from a git checkout)"
+            return f"{built.read_text().strip()} (installed kerasrot {__version__})"
+        return f"unknown (installed kerasrot {__version__}, not built from a git checkout)"
     return commit + ("-dirty" if dirty else "")
-
-
-def kerasrot_version():
-    from kerasrot import __version__
-
-    return __version__
 
 
 def commit_from_manifest(root, manifest):

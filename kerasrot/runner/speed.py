@@ -134,8 +134,37 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         return keras.ops.cast(y, self.compute_dtype)
 
 
+class ImplicitPadding:
+    """For a layer that takes over the symmetric zero padding of the `ZeroPadding2D` before it.
+
+    `implicit_padding` is that padding's width (`with_fast_layers` folds the
+    two); the layer's own op pads on torch (NCHW), and `padded` pads the
+    Keras way elsewhere. Shapes and config count the padding, so the layer
+    stands in for the pair.
+    """
+
+    def __init__(self, *args, implicit_padding=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.implicit_padding = implicit_padding
+
+    def padded(self, inputs):
+        pad = self.implicit_padding
+        spatial = ((pad, pad), (pad, pad))
+        widths = ((0, 0), (0, 0), *spatial) if self.data_format == "channels_first" else ((0, 0), *spatial, (0, 0))
+        return keras.ops.pad(inputs, widths) if pad else inputs
+
+    def compute_output_shape(self, input_shape):
+        pad, shape = self.implicit_padding, list(input_shape)
+        for axis in (2, 3) if self.data_format == "channels_first" else (1, 2):
+            shape[axis] = None if shape[axis] is None else shape[axis] + 2 * pad
+        return super().compute_output_shape(tuple(shape))
+
+    def get_config(self):
+        return {**super().get_config(), "implicit_padding": self.implicit_padding}
+
+
 @keras.saving.register_keras_serializable(package="kerasrot")
-class ChannelsLastKernelConv2D(keras.layers.Conv2D):
+class ChannelsLastKernelConv2D(ImplicitPadding, keras.layers.Conv2D):
     """Keras' Conv2D, called as PyTorch's own Conv2d calls `conv2d` (torch backend, NCHW).
 
     Same weights and the same convolution; two things change how it runs:
@@ -152,10 +181,6 @@ class ChannelsLastKernelConv2D(keras.layers.Conv2D):
       itself instead of a copy of the activations, forward and backward.
     """
 
-    def __init__(self, *args, implicit_padding=0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.implicit_padding = implicit_padding
-
     def build(self, input_shape):
         super().build(input_shape)
         if _torch_nchw(self):
@@ -168,11 +193,7 @@ class ChannelsLastKernelConv2D(keras.layers.Conv2D):
     def convolution_op(self, inputs, kernel):
         pad = self.implicit_padding
         if not _torch_nchw(self):  # elsewhere: the padding Keras' way, then the convolution
-            if not pad:
-                return super().convolution_op(inputs, kernel)
-            spatial = ((pad, pad), (pad, pad))
-            widths = ((0, 0), (0, 0), *spatial) if self.data_format == "channels_first" else ((0, 0), *spatial, (0, 0))
-            return super().convolution_op(keras.ops.pad(inputs, widths), kernel)
+            return super().convolution_op(self.padded(inputs), kernel)
         import torch
 
         pads = [(pad, pad) if pad else padding_of(self.padding, size, self.kernel_size[axis], self.strides[axis],
@@ -207,15 +228,6 @@ class ChannelsLastKernelConv2D(keras.layers.Conv2D):
                     for axis, size in enumerate(inputs.shape[2:])]
             cache[key] = None if None in taps else (*taps, *(torch.tensor(t, device=inputs.device) for t in taps))
         return cache[key]
-
-    def compute_output_shape(self, input_shape):
-        pad, shape = self.implicit_padding, list(input_shape)
-        for axis in (2, 3) if self.data_format == "channels_first" else (1, 2):
-            shape[axis] = None if shape[axis] is None else shape[axis] + 2 * pad
-        return super().compute_output_shape(tuple(shape))
-
-    def get_config(self):
-        return {**super().get_config(), "implicit_padding": self.implicit_padding}
 
 
 def padding_of(padding, size, kernel, stride, dilation=1):
@@ -326,7 +338,7 @@ def lay_out_slots_like_variables(optimizer):
 
 
 @keras.saving.register_keras_serializable(package="kerasrot")
-class PaddedMaxPooling2D(keras.layers.MaxPooling2D):
+class PaddedMaxPooling2D(ImplicitPadding, keras.layers.MaxPooling2D):
     """Keras' MaxPooling2D after a symmetric zero padding, the padding done by `max_pool2d` (torch, NCHW).
 
     PyTorch pads a max-pool with minus infinity, which picks the same
@@ -335,28 +347,12 @@ class PaddedMaxPooling2D(keras.layers.MaxPooling2D):
     and saves a padded copy of the activations, forward and backward.
     """
 
-    def __init__(self, *args, implicit_padding=0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.implicit_padding = implicit_padding
-
     def call(self, inputs):
-        pad = self.implicit_padding
         if not _torch_nchw(self):
-            spatial = ((pad, pad), (pad, pad))
-            widths = ((0, 0), (0, 0), *spatial) if self.data_format == "channels_first" else ((0, 0), *spatial, (0, 0))
-            return super().call(keras.ops.pad(inputs, widths))
+            return super().call(self.padded(inputs))
         import torch
 
-        return torch.nn.functional.max_pool2d(inputs, self.pool_size, self.strides, padding=pad)
-
-    def compute_output_shape(self, input_shape):
-        pad, shape = self.implicit_padding, list(input_shape)
-        for axis in (2, 3) if self.data_format == "channels_first" else (1, 2):
-            shape[axis] = None if shape[axis] is None else shape[axis] + 2 * pad
-        return super().compute_output_shape(tuple(shape))
-
-    def get_config(self):
-        return {**super().get_config(), "implicit_padding": self.implicit_padding}
+        return torch.nn.functional.max_pool2d(inputs, self.pool_size, self.strides, padding=self.implicit_padding)
 
 
 # Each on/off speed setting that swaps a stock Keras layer for a faster stand-in.

@@ -177,14 +177,9 @@ def probe_data(stage, options, tracker=None):
             model = models.build_model(s["model"], NUM_ROTATIONS, s["stem"], s["image_size"])
         train, test = load_data(s, options.data_dir, stage.task)
         extract = [Batches(split.images, split.labels, s["batch_size"]) for split in (train, test)]
-        total, done = len(train) + len(test), [0]
-
-        def tick(images):
-            done[0] += images
-            tracker.advance(images * tracker.cost("features of every block, once"),
-                            lambda: f"block features, {done[0]:,}/{total:,} images")
-
-        _features[key] = ([probes.block_features(model, batches, on_batch=tick if tracker else None)
+        tick = tracker.counter("features of every block, once", "block features", len(train) + len(test)) \
+            if tracker else None
+        _features[key] = ([probes.block_features(model, batches, on_batch=tick)
                            for batches in extract], train, test)
     return _features[key]
 
@@ -227,12 +222,7 @@ def on_frozen_outputs(model, train_batches, test_batches, tracker):
     of its outputs keep the images' order, epoch by epoch.
     """
     frozen_part, trainable_part = frozen.split_at_frozen(model)
-    total, done = len(train_batches.images) + len(test_batches.images), [0]
-
-    def tick(images):
-        done[0] += images
-        tracker.advance(images * tracker.cost("frozen part, once"), lambda: f"frozen part, {done[0]:,}/{total:,} images")
-
+    tick = tracker.counter("frozen part, once", "frozen part", len(train_batches.images) + len(test_batches.images))
     outputs = []
     for batches in (train_batches, test_batches):
         every_image = Batches(batches.images, batches.labels, batches.batch_size)  # once each, in order
