@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kerasrot import data
 
 CLASSES = [f"class{i}" for i in range(10)]
 REAL_DATA = Path(os.environ.get("KERASROT_DATA_DIR", "/tmp/kerasrot-data"))
@@ -47,13 +46,6 @@ def data_root(tmp_path_factory):
     write_image_folders(root, "imagenette", ["train"], 12, 48, seed=3)
     write_image_folders(root, "imagenette", ["val"], 4, 48, seed=4)
     return root
-
-
-@pytest.fixture(autouse=True)
-def fresh_data_cache():
-    data.load_split.cache_clear()
-    yield
-    data.load_split.cache_clear()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -23,13 +23,6 @@ def write_images(folder, count, size=32, suffix=".png", start=0, seed=0):
         Image.fromarray(pixels).save(folder / f"img{i:05d}{suffix}")
 
 
-@pytest.fixture(autouse=True)
-def fresh_scans():
-    folders._scan.cache_clear()
-    yield
-    folders._scan.cache_clear()
-
-
 def as_numpy(x):
     import keras
 
@@ -48,7 +41,7 @@ def test_a_folder_nested_any_way_in_any_pillow_format_is_found_and_other_files_l
     assert index.formats == {"JPEG", "WEBP", "BMP", "TIFF"}
     assert (index.smallest, index.largest) == ((20, 20), (40, 40))
     train = data.load_split(f"folder:{tmp_path}", "train", 24, labelled=False)
-    assert len(train) + len(folders._split_files(index, "test")[0]) == 8
+    assert len(train) + len(folders.split_files(index, "test")[0]) == 8
     assert train.images.shape[1:] == (24, 24, 3) and set(train.labels) == {0}
 
 
@@ -60,8 +53,6 @@ def test_held_out_test_images_stay_held_out_as_the_folder_grows(tmp_path):
     assert 5 <= len(before) <= 30  # one in 20
     assert not set(before.images.paths) & set(train.images.paths)
     write_images(tmp_path / "photos", 300, size=8, start=300)
-    folders._scan.cache_clear()
-    data.load_split.cache_clear()
     after = data.load_split(path, "test", 8, labelled=False, streaming=True)
     assert set(before.images.paths) < set(after.images.paths)
 
@@ -88,7 +79,6 @@ def test_an_unreadable_file_stops_with_its_name_or_is_left_out_and_counted(tmp_p
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(data.DataError, match=r"1 unreadable image file\(s\): .*broken\.jpg .*bad_images=skip"):
         data.load_split(f"folder:{tmp_path}", "train", 8, labelled=False)
-    data.load_split.cache_clear()
     train = data.load_split(f"folder:{tmp_path}", "train", 8, labelled=False, bad_images="skip")
     test = data.load_split(f"folder:{tmp_path}", "test", 8, labelled=False, bad_images="skip")
     assert len(train) + len(test) == 40
@@ -102,7 +92,7 @@ def test_a_streamed_split_gives_the_same_batches_as_the_split_in_memory(tmp_path
     path = f"folder:{tmp_path}"
     in_memory = data.load_split(path, "train", 16, labelled=False)
     streamed = data.load_split(path, "train", 16, labelled=False, streaming=True)
-    assert isinstance(in_memory.images, np.ndarray) and isinstance(streamed.images, data.ImageFiles)
+    assert isinstance(in_memory.images, np.ndarray) and isinstance(streamed.images, folders.ImageFiles)
     common = dict(batch_size=4, rotations=True, augment=True, shuffle=True, seed=3, epoch_length=12)
     memory_batches = Batches(in_memory.images, in_memory.labels, **common)
     streamed_batches = Batches(streamed.images, streamed.labels, **common)
@@ -120,8 +110,6 @@ def test_a_streamed_split_gives_the_same_batches_as_the_split_in_memory(tmp_path
 
 def _peak_bytes_of_one_epoch(folder, streaming):
     """Peak Python/NumPy memory while loading a split and making one epoch of 64 images' batches."""
-    data.load_split.cache_clear()
-    folders._scan.cache_clear()
     tracemalloc.start()
     split = data.load_split(f"folder:{folder}", "train", 48, labelled=False, streaming=streaming)
     batches = Batches(split.images, split.labels, 16, rotations=True, shuffle=True, epoch_length=64)
@@ -196,8 +184,6 @@ def test_a_folder_that_changes_is_trained_again_not_reused(tmp_path):
     assert invoke(*args).exit_code == 0
     assert "done before" in invoke(*args).output
     write_images(tmp_path / "photos", 1, size=16, start=24)
-    folders._scan.cache_clear()
-    data.load_split.cache_clear()
     again = invoke(*args)
     assert again.exit_code == 0 and "done before" not in again.output
 
@@ -226,9 +212,8 @@ def test_any_tfds_name_reads_with_tfds(monkeypatch):
 
 def test_streaming_a_known_dataset_reads_its_image_folder_batch_by_batch(data_root):
     streamed = data.load_split("cifar10", "test", 32, str(data_root), streaming=True)
-    data.load_split.cache_clear()
     in_memory = data.load_split("cifar10", "test", 32, str(data_root))
-    assert isinstance(streamed.images, data.ImageFiles)
+    assert isinstance(streamed.images, folders.ImageFiles)
     np.testing.assert_array_equal(streamed.images[np.arange(len(streamed))], in_memory.images)
     np.testing.assert_array_equal(streamed.labels, in_memory.labels)
     assert os.path.basename(os.fsdecode(streamed.images.paths[0])) == "000.png"
