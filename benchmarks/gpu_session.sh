@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One lease of a lent GPU machine (DEVELOPERS.md, "GPU issues"), prepared on a
-# CPU and run as is.
+# One lease of a lent GPU machine (a short, metered loan of one GPU), prepared
+# on a CPU and run as is.
 #
 #   bash benchmarks/gpu_session.sh prepare           # here, where git is, before the lease
 #   bash benchmarks/gpu_session.sh paper RECIPE...   # there: `kerasrot run RECIPE --preset paper`, each in turn
@@ -14,8 +14,8 @@
 # file by file against git's blob hashes, in every result's provenance.
 #
 # `paper` keeps its work directory and results in /tmp/lease, outside the
-# copy of the tree: a second call on 2026-11-28, sent within the warm window,
-# found a .lease/ folder in the tree gone and trained the rotation stage again.
+# copy of the tree: each call gets a fresh copy of the tree, so a folder in
+# it does not survive to the next call, even on the same machine.
 # The same command sent again resumes the stage it stopped in and skips
 # recipes that finished, where the machine is the same. Where it is not, the
 # stages that finished still count: every call packs each finished stage's
@@ -28,31 +28,8 @@
 # $PAPER_ARGS is added to each run (on a CPU, a tiny `--set` run checks the
 # script itself).
 #
-# Planning a lease (15 minutes of device time, the machine's start included),
-# from an H200 on 2026-11-27 and 28, torch:
-#   paper table1 table2 table3   494 s in one call (commit 814e5c5; 522 s at 065b020):
-#                                the rotation stage 3.9 min (45 epochs of 4.1-4.3 s),
-#                                table2's two last-block stages 1.5 min, table3's two
-#                                whole-network stages 1.8 min (20 epochs of 1.6 s)
-#   torch                        34 s with EPOCH_SECONDS=0; 114 s with EPOCH_SECONDS=70
-#                                and --profile
-#   the machine's start          about 35 s of the lease before the first command ran
-#   paper figure1                10.7 min of run, in two calls: on 2026-11-28 (lr 0.01,
-#                                commit ccdaed3) DEADLINE=555 made the rotation stage and
-#                                the 5 rotation-init stages (35-40 s each) in 555 s, then,
-#                                within the warm window, DEADLINE=240 the 5 random-init
-#                                stages in 234 s; 849 s of the lease held in all
-#   paper imagenette             264 s in one call (commit a9e5c7b, 2026-11-28): the 64x64
-#                                rotation stage 160 s (45 epochs of about 3 s), CIFAR-10 46 s;
-#                                carry imagenette-96px.tar.gz (40 MB) in .device too: with the
-#                                CIFAR-10 archive and the wheels, 62 MB of the 64 MiB that travel
-#   torch, NETWORKS=densenet121-cifar,densenet121-imagenet EPOCH_SECONDS=0
-#                                about 70 s: DenseNet121 9,386 rotated samples/s with the CIFAR
-#                                stem (16 min for 45 epochs), 45,121 with the ImageNet stem
-#   paper table4                 with its ResNet18 stages' result.json carried: DenseNet121's
-#                                rotation stage 290 s (45 epochs of 4.8 s, the first 12 s),
-#                                its whole-network stage 20 epochs of 3.6-4.2 s (about 100 s);
-#                                DEADLINE=420 stopped that one at epoch 9 (commit 0b427a3)
+# Planning a lease: the measured times of each part are in results/benchmarks.md,
+# "Planning a GPU lease".
 #
 # Needs, in .device/ (named in `carry`): commit-manifest, the keras, namex and optree wheels
 # for CPython 3.12 under whl/, and cifar10-jpeg.tar.gz (imagenette-96px.tar.gz

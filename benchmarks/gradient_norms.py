@@ -24,7 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kerasrot import training  # noqa: E402
-from kerasrot.runner import config, stages  # noqa: E402
+from kerasrot.runner import config, speed, stages  # noqa: E402
 
 
 def main():
@@ -76,6 +76,8 @@ def print_norms(args, scratch):
     settings = {**stage.settings, "verbose": 0}
     print(f"{args.recipe} --preset {args.preset} {' '.join(args.set)}: rotation stage, "
           f"global_clipnorm {settings['global_clipnorm']} (0: off), {settings['precision']}")
+    training.compile_model(model, settings, steps_per_epoch=len(train_batches))
+    speed.prepare_to_train(model, settings, log=print)  # as `kerasrot run` does
     training.train(model, train_batches, test_batches, settings, scratch / "checkpoints", callbacks=[Report()])
 
 

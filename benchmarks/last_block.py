@@ -60,8 +60,7 @@ def fit_one_epoch(model, train, test=None):
 
 def compiled(stage, model, batches):
     training.compile_model(model, stage.settings, steps_per_epoch=len(batches))
-    if stage.settings["channels_last_kernels"] == "on":
-        speed.lay_out_slots_like_variables(model.optimizer)
+    speed.prepare_to_train(model, stage.settings, log=print)  # as `kerasrot run` does
     return model
 
 

@@ -208,7 +208,7 @@ def build_keras(arch, stem, variant, precision, lr=0.01):
         jit_compile=bool(variant.jit),
         steps_per_execution=variant.spe,
     )
-    if variant.channels_last_kernels:  # as kerasrot.training.train does
+    if variant.channels_last_kernels:  # as kerasrot.runner.speed.prepare_to_train does
         speed.lay_out_slots_like_variables(model.optimizer)
     if variant.graph:
         from kerasrot.runner import cuda_graphs

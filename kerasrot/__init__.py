@@ -12,7 +12,8 @@ whole experiment with the functions below and `model.fit`.
     batches = kerasrot.Batches(train.images, train.labels, 128,
                                rotations=True, augment=True, shuffle=True)
     rotnet = kerasrot.resnet18(num_classes=4)                  # predicts the rotation
-    ...                                                        # compile, fit (callbacks=[kerasrot.EpochSetter(batches)])
+    kerasrot.compile_model(rotnet, hyperparameters, len(batches))
+    rotnet.fit(batches, epochs=..., callbacks=[kerasrot.EpochSetter(batches)])
     classifier = kerasrot.resnet18(num_classes=10)
     kerasrot.transfer_weights(rotnet, classifier)              # all but the head
     kerasrot.set_trainable(classifier, "last_block")           # layer4 + head train
@@ -20,7 +21,10 @@ whole experiment with the functions below and `model.fit`.
 The experiment's modules, in reading order: `kerasrot.data`,
 `kerasrot.rotations`, `kerasrot.pipeline`, `kerasrot.models`,
 `kerasrot.training`, then `kerasrot.frozen` and `kerasrot.probes`
-(what frozen blocks compute, computed once). `kerasrot.runner` is the machinery behind the
+(what frozen blocks compute, computed once), `kerasrot.knn` (a kNN
+monitor of the features during pretraining) and `kerasrot.visualize`
+(attention maps and first-layer filters). `kerasrot.folders` is the one
+reader of image folders behind `kerasrot.data`. `kerasrot.runner` is the machinery behind the
 `kerasrot` command (recipes, the stage cache, speed-ups, reports).
 """
 
@@ -45,6 +49,8 @@ _PUBLIC = {
     "four_rotations": "rotations", "crop_and_flip": "rotations",
     "Batches": "pipeline", "EpochSetter": "pipeline",
     "resnet18": "models", "densenet121": "models", "transfer_weights": "models", "set_trainable": "models",
+    "compile_model": "training",
+    "plot_attention": "visualize", "plot_filters": "visualize", "pick_images": "visualize",
 }
 __all__ = sorted(_PUBLIC)
 

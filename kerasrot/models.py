@@ -273,3 +273,9 @@ def set_trainable(model, which):
     for layer in model.layers:
         layer.trainable = block_of(layer.name) in trainable_blocks
     return model
+
+
+def data_format_of(model):
+    """The layout inside `model`: "channels_first" where `preprocess` transposes the images, else "channels_last"."""
+    names = {layer.name for layer in model.layers}
+    return "channels_first" if "preprocess_to_channels_first" in names else "channels_last"

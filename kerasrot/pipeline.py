@@ -12,29 +12,24 @@ epoch it lost.
 Two pipelines run those steps, in different places (`--pipeline`):
 * `memory`: `Batches`, a `keras.utils.PyDataset`; `keras.ops` does the pixel
   work on the backend's device. Needs no TensorFlow; the default, and the
-  faster on the machines we measured (results/benchmarks.md). Under torch
-  on a CUDA GPU, `keras.ops` does it on the host's CPU instead and the
-  batch goes to the GPU in one copy that does not wait: there every
-  `keras.ops` call with a Python number or array copies it to the GPU and
-  waits for the GPU to finish its queued steps (`upload`).
+  faster on the machines we measured (results/benchmarks.md).
 * `tfdata`: `Batches.as_tf_dataset()`, a `tf.data.Dataset` that runs the
   same functions as `tensorflow.experimental.numpy` in tf.data's threads,
   prefetching while the model trains.
 
-Either reads a streamed split (`kerasrot.data.ImageFiles`) the same way:
+Either reads a streamed split (`kerasrot.folders.ImageFiles`) the same way:
 a batch's images are read from disk when the batch is made, so memory holds
 the batches in flight, not the dataset, and a resumed epoch reads the same
 files in the same order.
 """
 
-import contextlib
 import math
 
 import keras
 import numpy as np
 
-from kerasrot.data import ImageFiles
-from kerasrot.rotations import CROP_PADDING, crop_and_flip, four_rotations
+from kerasrot.folders import ImageFiles
+from kerasrot.rotations import CROP_PADDING, NUM_ROTATIONS, crop_and_flip, four_rotations
 
 PIPELINES = ("memory", "tfdata")
 
@@ -65,6 +60,19 @@ class EpochPlan:
             self.offsets = np.full((epoch_length, 2), CROP_PADDING, dtype="int32")
             self.flips = np.zeros(epoch_length, dtype=bool)
 
+    def batch(self, index, batch_size, process_shard=(0, 1)):
+        """`(images' indices, crop offsets, flips)` of batch `index`: this process's share of it.
+
+        With data parallelism over several machines each process feeds
+        `1 / process_count` of every batch, its own slice in order, and
+        Keras makes the global batch of them (`kerasrot.runner.distribute`).
+        """
+        process_index, process_count = process_shard
+        start = index * batch_size
+        share = (min(start + batch_size, len(self.order)) - start) // process_count
+        part = slice(start + process_index * share, start + (process_index + 1) * share)
+        return self.order[part], self.offsets[part], self.flips[part]
+
 
 class Batches(keras.utils.PyDataset):
     """Batches of images (or of their four rotations) for one stage.
@@ -74,7 +82,7 @@ class Batches(keras.utils.PyDataset):
     plan is the one of that epoch number, also after a resume.
 
     Args:
-        images: uint8 array `[N, H, W, 3]`, or `kerasrot.data.ImageFiles`
+        images: uint8 array `[N, H, W, 3]`, or `kerasrot.folders.ImageFiles`
             (streamed: each batch reads its images from disk).
         labels: int array `[N]` (ignored when `rotations=True`).
         batch_size: images per batch, before the 4x of rotation.
@@ -83,7 +91,7 @@ class Batches(keras.utils.PyDataset):
         seed: seeds every random choice, together with the epoch number.
         epoch_length: images per epoch (default: every image once).
         process_shard: `(index, count)`: on several machines, yield this
-            process's share of every batch (`this_process`).
+            process's share of every batch (`EpochPlan.batch`).
     """
 
     def __init__(self, images, labels, batch_size, rotations=False, augment=False, shuffle=False, seed=0,
@@ -97,8 +105,7 @@ class Batches(keras.utils.PyDataset):
         self.batch_size, self.rotations = batch_size, rotations
         self.augment, self.shuffle, self.seed = augment, shuffle, seed
         self.epoch_length = epoch_length or len(images)
-        self.process_index, self.process_count = process_shard
-        self.on_host = torch_on_cuda()  # where the pixel work runs: see `upload`
+        self.process_shard = process_shard
         self.set_epoch(0)
 
     def __len__(self):
@@ -107,7 +114,7 @@ class Batches(keras.utils.PyDataset):
     @property
     def num_samples(self):
         """Samples per epoch as the model sees them (4 per image with rotations)."""
-        return self.epoch_length * (4 if self.rotations else 1)
+        return self.epoch_length * (NUM_ROTATIONS if self.rotations else 1)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -123,7 +130,7 @@ class Batches(keras.utils.PyDataset):
         if self.augment or self.rotations:
             raise ValueError("batches with crop + flip or rotations make them from images: they take no other arrays")
         return Batches(arrays, self.labels, self.batch_size, shuffle=self.shuffle, seed=self.seed,
-                       epoch_length=self.epoch_length, process_shard=(self.process_index, self.process_count))
+                       epoch_length=self.epoch_length, process_shard=self.process_shard)
 
     def make_batch(self, images, labels, offsets, flips, xp=keras.ops):
         """The pixel work of one batch, with the array module `xp` (see `kerasrot.rotations`).
@@ -141,24 +148,9 @@ class Batches(keras.utils.PyDataset):
     def __getitem__(self, index):
         if index >= len(self):
             raise IndexError(index)
-        part = self.this_process(slice(index * self.batch_size, min((index + 1) * self.batch_size,
-                                                                    self.epoch_length)))
-        indices = self.plan.order[part]
-        arrays = self.images[indices], self.labels[indices], self.plan.offsets[part], self.plan.flips[part]
-        with keras.device("cpu") if self.on_host else contextlib.nullcontext():
-            images, labels = self.make_batch(*(keras.ops.convert_to_tensor(array) for array in arrays))
-        return upload(images), upload(labels)
-
-    def this_process(self, part):
-        """This process's share of the batch `part`: `1 / process_count` of its images, in order.
-
-        With data parallelism over several machines each process feeds its
-        own share, and Keras makes the global batch of them
-        (`kerasrot.runner.distribute.process_shard`).
-        """
-        share = (part.stop - part.start) // self.process_count
-        start = part.start + self.process_index * share
-        return slice(start, start + share)
+        indices, offsets, flips = self.plan.batch(index, self.batch_size, self.process_shard)
+        arrays = self.images[indices], self.labels[indices], offsets, flips
+        return self.make_batch(*(keras.ops.convert_to_tensor(array) for array in arrays))
 
     def as_tf_dataset(self):
         """The same batches as a `tf.data.Dataset`, for `model.fit` on any backend.
@@ -181,52 +173,20 @@ class Batches(keras.utils.PyDataset):
             def gather(indices):
                 return tf.gather(images, indices)
 
-        def this_epochs_plan():
-            yield self.plan.order, self.plan.offsets, self.plan.flips
+        def this_epochs_batches():  # the plan is read when an epoch's iteration starts
+            for index in range(len(self)):
+                yield self.plan.batch(index, self.batch_size, self.process_shard)
 
-        plan = tf.data.Dataset.from_generator(this_epochs_plan, output_signature=(
+        plans = tf.data.Dataset.from_generator(this_epochs_batches, output_signature=(
             tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 2], tf.int32), tf.TensorSpec([None], tf.bool),
         ))
-        batches = plan.flat_map(lambda *arrays: tf.data.Dataset.from_tensor_slices(arrays).batch(self.batch_size))
-        if self.process_count > 1:  # this process's share of every batch, as `this_process`
-            def share(indices, offsets, flips):
-                size = tf.shape(indices)[0] // self.process_count
-                start = self.process_index * size
-                return indices[start:start + size], offsets[start:start + size], flips[start:start + size]
 
-            batches = batches.map(share)
-
-        def make_batch(indices, offsets, flips):
+        def batch_of(indices, offsets, flips):
             return self.make_batch(gather(indices), tf.gather(labels, indices), offsets, flips, xp=tnp)
 
-        batches = batches.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
+        batches = plans.map(batch_of, num_parallel_calls=tf.data.AUTOTUNE)
         # Known length: Keras then makes one pass per epoch, with no "ran out of data" warning.
         return batches.apply(tf.data.experimental.assert_cardinality(len(self))).prefetch(tf.data.AUTOTUNE)
-
-
-def torch_on_cuda():
-    if keras.backend.backend() != "torch":
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def upload(array):
-    """A host array or tensor -> a tensor on the backend's device; under torch on a CUDA GPU, without waiting.
-
-    `keras.ops.convert_to_tensor` copies from ordinary (pageable) host
-    memory, which waits until the GPU has finished every step queued
-    before it. Through pinned memory, with `non_blocking=True`, the copy
-    is queued behind the running step instead, and the host goes on
-    preparing the next batch (PyTorch keeps the pinned buffer until the
-    copy is done).
-    """
-    if not torch_on_cuda():
-        return keras.ops.convert_to_tensor(array)
-    import torch
-
-    return torch.as_tensor(array).contiguous().pin_memory().to("cuda", non_blocking=True)
 
 
 class EpochSetter(keras.callbacks.Callback):

@@ -1,6 +1,8 @@
 """Training: compile, then `model.fit` with Keras' own callbacks for the chores.
 
-`train` is one stage's training. Keras' callbacks do the chores:
+`compile_model` gives a model its optimiser, learning-rate schedule, loss
+and metric; `train` fits a compiled model for one stage. Keras' callbacks
+do the chores:
 
 * `BackupAndRestore` saves the model and its optimizer state after every
   epoch; a killed run, started again, resumes at the last finished epoch.
@@ -11,15 +13,16 @@
   show how fast each initialisation learns.
 * `TerminateOnNaN(raise_error=True)` stops at the first non-finite loss.
 
-Optimiser and schedule come from the recipe (`kerasrot.runner.config`):
-`optimizer` is "sgd" (momentum, optional Nesterov) or "adamw"; `schedule`
-is "constant", "step" (x`step_gamma` at each of `step_epochs`) or "cosine"
-(with `warmup_epochs` of linear warm-up: a one-cycle schedule).
-`weight_decay` is Keras' decoupled decay (`w -= lr * wd * w` each step), for
-every optimiser; with SGD momentum 0.9 it is about ten times weaker than the
-same number in PyTorch's coupled L2 form, and the presets account for that.
-`global_clipnorm` (0: off) is Keras' own: when all the gradients together
-have a larger norm, they are scaled down to it before the update.
+The hyperparameters are a dict, as a recipe gives them
+(`kerasrot.runner.config`): `optimizer` is "sgd" (momentum, optional
+Nesterov) or "adamw"; `schedule` is "constant", "step" (x`step_gamma` at
+each of `step_epochs`) or "cosine" (with `warmup_epochs` of linear warm-up:
+a one-cycle schedule). `weight_decay` is Keras' decoupled decay
+(`w -= lr * wd * w` each step), for every optimiser; with SGD momentum 0.9
+it is about ten times weaker than the same number in PyTorch's coupled L2
+form, and the presets account for that. `global_clipnorm` (0: off) is
+Keras' own: when all the gradients together have a larger norm, they are
+scaled down to it before the update.
 """
 
 import csv
@@ -119,12 +122,21 @@ def make_loss(settings):
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+JIT_COMPILE = {"on": True, "off": False, "auto": "auto"}  # "auto": Keras' choice (XLA on JAX and TensorFlow)
+
+
 def compile_model(model, settings, steps_per_epoch):
+    """Compiles `model` with the optimiser, schedule and loss of `settings` -> the model.
+
+    `settings` holds `epochs` and every hyperparameter this module reads
+    (those of a recipe's stage, or a dict of your own as in
+    examples/rotnet_table2.py); `steps_per_epoch` turns epochs into steps.
+    """
     model.compile(
         optimizer=make_optimizer(settings, steps_per_epoch),
         loss=make_loss(settings),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=settings["jit_compile"] == "on",
+        jit_compile=JIT_COMPILE[settings["jit_compile"]],
     )
     return model
 
@@ -201,16 +213,19 @@ class EpochRecord(keras.callbacks.Callback):
         logs["seconds"] = round(time.perf_counter() - self.start, 2)
 
 
-def train(model, train_batches, test_batches, settings, checkpoint_dir, callbacks=(), log=print):
-    """Trains `model` for `settings["epochs"]` (resuming from `checkpoint_dir`) -> its history.
+def train(model, train_batches, test_batches, settings, checkpoint_dir, callbacks=(), epoch_logs=(), log=print):
+    """Fits a compiled `model` for `settings["epochs"]` (resuming from `checkpoint_dir`) -> its history.
 
     Args:
-        model: an uncompiled model with its trainable blocks set.
+        model: a model compiled by `compile_model`, its trainable blocks set.
         train_batches, test_batches: `kerasrot.pipeline.Batches`; `test` is
             evaluated after every epoch.
-        settings: the stage's hyperparameters (see `kerasrot.runner.config`).
+        settings: the stage's settings; `train` reads `epochs`, `pipeline`
+            ("memory" or "tfdata", `kerasrot.pipeline`) and `verbose`.
         checkpoint_dir: where the backup and history.csv live until the stage is done.
-        callbacks: more Keras callbacks (progress reports).
+        callbacks: more Keras callbacks (progress reports), run after the checkpoint of each epoch.
+        epoch_logs: callbacks that add numbers to each epoch's logs (a kNN
+            monitor, `kerasrot.knn`), run before its row of history is written.
 
     Returns the history: one dict per epoch, `epoch` counted from 1.
     Raises `Diverged` if the loss becomes NaN or infinite; the checkpoint
@@ -219,15 +234,6 @@ def train(model, train_batches, test_batches, settings, checkpoint_dir, callback
     checkpoint_dir = Path(checkpoint_dir)
     history_csv = checkpoint_dir / "history.csv"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    compile_model(model, settings, steps_per_epoch=len(train_batches))
-    if settings.get("channels_last_kernels") == "on":  # torch: momentum laid out as the out-major kernels
-        from kerasrot.runner import speed
-
-        speed.lay_out_slots_like_variables(model.optimizer)
-    if settings.get("cuda_graphs") == "on":  # torch on a GPU: steps recorded once, then replayed
-        from kerasrot.runner import cuda_graphs
-
-        cuda_graphs.install(model, log=log)
     if settings["pipeline"] == "tfdata":
         train_data, test_data = train_batches.as_tf_dataset(), test_batches.as_tf_dataset()
     else:
@@ -244,6 +250,7 @@ def train(model, train_batches, test_batches, settings, checkpoint_dir, callback
             EpochSetter(train_batches),
             StopOnDivergence(),
             EpochRecord(settings["epochs"], log),
+            *epoch_logs,
             # CSVLogger before BackupAndRestore: killed between the two, an
             # epoch has its row but no checkpoint, runs again and is logged
             # twice; `read_history` keeps the later row. (The other order

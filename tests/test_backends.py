@@ -42,10 +42,10 @@ def _train_one_step_and_save(path):
     layout = speed.resolve({"data_format": "auto", "precision": "auto", "fused_batchnorm": "auto",
                             "channels_last_kernels": "auto", "jit_compile": "auto",
                             "model": "resnet18", "stem": "imagenet", "image_size": 32})
-    model = stages.build_model(layout, 10, name="resnet18")
+    model = stages.network(layout, 10, name="resnet18")
     training.compile_model(model, SETTINGS, steps_per_epoch=1)
     model.train_on_batch(images, labels)
-    portable = stages.build_model(layout, 10, name="resnet18", fast=False)
+    portable = stages.network(layout, 10, name="resnet18", fast=False)
     models.transfer_weights(model, portable, skip_blocks=())
     files.save_model(portable, path)
     logits = keras.ops.convert_to_numpy(portable.predict_on_batch(images))

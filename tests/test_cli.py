@@ -83,29 +83,6 @@ def test_second_run_and_other_recipes_reuse_finished_stages(table2_run, data_roo
     assert "full.rotation_init: done before" not in again.output
 
 
-def test_a_subset_that_is_the_whole_split_reuses_the_stage_trained_on_all(table2_run, data_root, monkeypatch):
-    """figure1 at every labelled image (here 12 per class, epochs of 120) is table3's whole network: not retrained."""
-    import dataclasses
-
-    from kerasrot import data
-
-    tiny = dataclasses.replace(data.DATASETS["cifar10"], per_class={"train": 12, "test": 4})  # the tiny folders
-    monkeypatch.setitem(data.DATASETS, "cifar10", tiny)
-    root, _ = table2_run
-    common = ["--data-dir", data_root, "--workdir", root / "work", "--results", root / "results", *TINY,
-              "--set", "classify.learning_rate=0.03"]  # figure1's quick rate, so that only the subset differs
-    table3 = invoke("run", "table3", *common, "--set", "classify.images_per_class=all")
-    assert table3.exit_code == 0, table3.output
-    figure1 = invoke("run", "figure1", *common, "--set", "figure1.labels_per_class=12",
-                     "--set", "classify.images_per_class=12", "--set", "classify.samples_per_epoch=120")
-    assert figure1.exit_code == 0, figure1.output
-    assert "figure1.12.rotation_init: done before" in figure1.output
-    assert "figure1.12.random_init: done before" in figure1.output
-    table3_metrics, figure1_metrics = (json.loads((results_of(root / "results", recipe) / "metrics.json").read_text())
-                                       for recipe in ("table3", "figure1"))
-    assert figure1_metrics["accuracy"]["figure1.12.rotation_init"] == table3_metrics["accuracy"]["full.rotation_init"]
-
-
 def test_evaluate_reproduces_the_recorded_accuracy(table2_run, data_root):
     root, _ = table2_run
     metrics = json.loads((results_of(root / "results") / "metrics.json").read_text())
@@ -135,7 +112,7 @@ def test_report_redraws_from_metrics_with_the_recipes_citations_as_they_read_now
         table = (out / "table.md").read_text()
         assert "| report A | report B | paper (NIN) |" in table
         assert "| 61.17 | 62.09 | 91.16 |" in table  # last_block.rotation_init, from recipes/table2.toml
-        assert "the upper anchors we aim past" in table  # the column's legend (reporting.COLUMN_LEGENDS)
+        assert "the upper anchors we aim past" in table  # the column's legend (recipes/columns.toml)
         assert "72.50 from random weights" in table  # the recipe's notes
         assert json.loads((out / "metrics.json").read_text()) == older  # the run's record is not rewritten
         assert "trained at" not in table  # every stage saw the same input
@@ -400,7 +377,7 @@ def test_the_epochs_cell_names_the_images_of_an_epoch_where_it_is_not_one_pass()
 
 def test_a_copy_without_git_names_its_commit_through_a_manifest_checked_file_by_file(tmp_path):
     """A lent GPU machine gets the tree without .git: the manifest, made where git is, names the commit."""
-    from kerasrot.runner.reporting import commit_from_manifest
+    from kerasrot.runner.provenance import commit_from_manifest
 
     repo = tmp_path / "repo"
     (repo / "kerasrot" / "__pycache__").mkdir(parents=True)
@@ -431,29 +408,29 @@ def test_a_manifest_wins_over_a_git_checkout_still_at_an_older_commit(tmp_path, 
     """On the GPU machine git sees the session's first commit plus changes; the manifest names the real one."""
     from pathlib import Path
 
-    from kerasrot.runner import reporting
+    from kerasrot.runner import provenance
 
-    root = Path(reporting.__file__).resolve().parents[2]
+    root = Path(provenance.__file__).resolve().parents[2]
     listed = subprocess.run(["git", "-C", root, "ls-files", "-s", "--", "kerasrot", "recipes"],
                             capture_output=True, text=True)
     if listed.returncode != 0:
         pytest.skip("kerasrot is not run from a git checkout")
     manifest = tmp_path / "manifest"
     manifest.write_text("0123abc\n" + listed.stdout)
-    monkeypatch.setenv(reporting.MANIFEST_VARIABLE, str(manifest))
-    assert reporting.git_commit() in ("0123abc", "0123abc-dirty")  # -dirty while kerasrot/ has changes
+    monkeypatch.setenv(provenance.MANIFEST_VARIABLE, str(manifest))
+    assert provenance.git_commit() in ("0123abc", "0123abc-dirty")  # -dirty while kerasrot/ has changes
 
 
 def test_an_installed_copy_names_the_commit_it_was_built_from(tmp_path):
     """`pip install .` leaves .git behind: the wheel carries BUILD_COMMIT (setup.py), and a copy without it says so."""
     import zipfile
 
-    from kerasrot import __version__
-    from kerasrot.runner import reporting
-
     import shutil
 
-    root = Path(reporting.__file__).resolve().parents[2]
+    from kerasrot import __version__
+    from kerasrot.runner import provenance
+
+    root = Path(provenance.__file__).resolve().parents[2]
     if not (root / "setup.py").exists():
         pytest.skip("kerasrot is installed, not run from its source tree")
     clone = tmp_path / "clone"  # the source as it is now, committed in a repository of its own
@@ -472,7 +449,7 @@ def test_an_installed_copy_names_the_commit_it_was_built_from(tmp_path):
     site = tmp_path / "site"
     with zipfile.ZipFile(next((tmp_path / "wheel").glob("kerasrot-*.whl"))) as wheel:
         wheel.extractall(site)
-    ask = [sys.executable, "-c", "from kerasrot.runner import reporting; print(reporting.git_commit())"]
+    ask = [sys.executable, "-c", "from kerasrot.runner import provenance; print(provenance.git_commit())"]
 
     def commit():
         return subprocess.run(ask, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True,

@@ -106,19 +106,6 @@ def test_settings_that_do_not_change_results_keep_the_keys():
     assert [s.key for s in config.load("table2", "quick", overrides).stages] == plain
 
 
-def test_a_setting_added_later_keeps_earlier_keys_until_it_is_set():
-    stages = config.load("table2", "paper").stages  # paper leaves global_clipnorm at 0, "off"
-    plain = [s.key for s in stages]
-    for stage in stages:  # as stages were before the setting existed
-        del stage.settings["global_clipnorm"]
-    config.key_stages(stages)
-    assert [s.key for s in stages] == plain
-    clipped = {s.name: s.key for s in config.load(
-        "table2", "paper", config.parse_overrides(["rotation.global_clipnorm=2"])).stages}
-    assert clipped["rotation"] != plain[0]
-    assert clipped["last_block.random_init"] == plain[2]
-
-
 def test_keys_include_the_runner_context():
     stages = config.load("table1", "quick").stages
     config.key_stages(stages, context={"data": "/a"})
@@ -209,29 +196,3 @@ def test_probes_recipe_has_one_stage_per_block_probe_and_init_starting_from_its_
 def test_figure1_sweep_is_refused_for_other_recipes():
     with pytest.raises(config.RecipeError, match="a setting of the figure1 recipe, not of table2"):
         config.load("table2", "quick", config.parse_overrides(["figure1.labels_per_class=20"]))
-
-
-def test_figure1s_5000_per_class_point_is_table3s_whole_network_training_at_the_same_rate():
-    """5000 labelled images per class of CIFAR-10, epochs of 50,000: table3's training, so one key and one cache.
-
-    At the paper preset figure1 fine-tunes at 0.01 and table3 at 0.1, so there they key apart.
-    """
-    from kerasrot.runner.stages import as_keyed
-
-    def keys(recipe, keyed, overrides=None):
-        stages = config.load(recipe, "paper", overrides).stages
-        config.key_stages(stages, context={"data": "tfds"}, as_keyed=keyed)
-        return {stage.name: stage.key for stage in stages}
-
-    whole = lambda settings: as_keyed(settings, data_dir=None)  # noqa: E731  (tfds: the published splits)
-    table3, as_preset = keys("table3", whole), keys("figure1", whole)
-    figure1 = keys("figure1", whole, {"classify": {"learning_rate": 0.1}})
-    for init in ("rotation_init", "random_init"):
-        assert figure1[f"figure1.5000.{init}"] == table3[f"full.{init}"]
-        assert figure1[f"figure1.1000.{init}"] != table3[f"full.{init}"]
-        assert as_preset[f"figure1.5000.{init}"] != table3[f"full.{init}"]  # the preset's 0.01
-    assert keys("figure1", None, {"classify": {"learning_rate": 0.1}})["figure1.5000.rotation_init"] \
-        != table3["full.rotation_init"]  # as written
-    # A copy that is not the whole published split keys apart (the synthetic test folders, say).
-    settings = config.load("figure1", "paper").stages[-1].settings
-    assert as_keyed(settings, data_dir="/no/such/folder")["images_per_class"] == 5000

@@ -21,7 +21,7 @@ import pytest
 
 from kerasrot import models, training
 from kerasrot.pipeline import Batches
-from kerasrot.runner import cuda_graphs, speed
+from kerasrot.runner import cuda_graphs, device, speed
 from tests import test_training
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch", reason="CUDA graphs are for the torch backend")
@@ -198,8 +198,9 @@ def test_host_side_batches_equal_device_side_batches():
     for rotations in (True, False):
         batches = Batches(images, np.arange(20) % 3, 8, rotations=rotations, augment=True, shuffle=True, seed=3)
         device_side = [tuple(keras.ops.convert_to_numpy(a) for a in batches[i]) for i in range(len(batches))]
-        batches.on_host = True  # what torch on a CUDA GPU does
-        host_side = [tuple(keras.ops.convert_to_numpy(a) for a in batches[i]) for i in range(len(batches))]
+        on_host = device.HostBatches(batches)  # what torch on a CUDA GPU feeds, without the copy to the GPU
+        with keras.device("cpu"):
+            host_side = [tuple(keras.ops.convert_to_numpy(a) for a in on_host.batches[i]) for i in range(len(on_host))]
         for (x1, y1), (x2, y2) in zip(device_side, host_side):
             assert x1.dtype == x2.dtype == np.float32
             np.testing.assert_array_equal(x1, x2)
@@ -212,13 +213,15 @@ def test_cuda_graphs_resolve_on_only_with_torch_on_a_gpu():
     assert speed.resolve({**settings, "cuda_graphs": "auto"})["cuda_graphs"] == "off"
 
 
-def _gpu_stage():
-    """test_training's tiny stage, built as torch on a GPU builds it: NCHW, fused BatchNorm, out-major kernels."""
+def _gpu_stage(settings):
+    """test_training's tiny stage, built as torch on a GPU builds it: NCHW, fused BatchNorm, out-major kernels,
+    its steps recorded (`speed.prepare_to_train`)."""
     model, train, test = test_training._fresh_stage()
     fast = models.build_model("resnet18", 4, stem="imagenet", data_format="channels_first")
     fast = speed.with_fast_layers(fast, fused_batchnorm=True, channels_last_kernels=True)
     fast.set_weights(model.get_weights())
-    return fast, train, test
+    training.compile_model(fast, settings, steps_per_epoch=len(train))
+    return speed.prepare_to_train(fast, settings), train, test
 
 
 def test_on_a_gpu_torch_records_its_steps_and_keeps_its_kernels_out_major(monkeypatch):
@@ -233,15 +236,15 @@ def test_on_a_gpu_torch_records_its_steps_and_keeps_its_kernels_out_major(monkey
 
 def test_a_graphed_stage_resumes_exactly(tmp_path, monkeypatch):
     """Killed after epoch 2 of 3 and started again, a stage with recorded steps ends as one run straight through."""
-    monkeypatch.setattr(cuda_graphs, "CudaGraph", ReplayGraph)  # what training.train installs, on a CPU
+    monkeypatch.setattr(cuda_graphs, "CudaGraph", ReplayGraph)  # what speed.prepare_to_train installs, on a CPU
     settings = {**test_training.SETTINGS, "epochs": 3, "cuda_graphs": "on", "channels_last_kernels": "on"}
-    straight, train, test = _gpu_stage()
+    straight, train, test = _gpu_stage(settings)
     straight_history = training.train(straight, train, test, settings, tmp_path / "straight")
     assert isinstance(straight.train_function, cuda_graphs.GraphedStep)
     with pytest.raises(KeyboardInterrupt):
-        training.train(*_gpu_stage(), settings, tmp_path / "killed",
+        training.train(*_gpu_stage(settings), settings, tmp_path / "killed",
                        callbacks=[test_training.StopAfter(2)])
-    resumed, train, test = _gpu_stage()
+    resumed, train, test = _gpu_stage(settings)
     history = training.train(resumed, train, test, settings, tmp_path / "killed")
     assert [record["loss"] for record in history] == [record["loss"] for record in straight_history]
     for x, y in zip(resumed.weights, straight.weights):

@@ -84,6 +84,7 @@ SAME_TRAINING = """
 
     def train(directory, callbacks=(), log=print):
         model, train_batches, test_batches = stage()
+        training.compile_model(model, SETTINGS, steps_per_epoch=len(train_batches))
         history = training.train(model, train_batches, test_batches, SETTINGS, directory, callbacks, log=log)
         return model, history, training.accuracy(model, test_batches)
 
@@ -289,13 +290,13 @@ def test_refusal_in_this_process_when_its_backend_is_not_jax():
 
 
 def test_one_device_without_the_flag_and_the_checks_of_batch_sizes():
-    from kerasrot.runner import distribute, reporting
+    from kerasrot.runner import distribute, provenance, reporting
     from kerasrot.runner.config import Stage
 
     assert distribute.description() == "1 device"
     assert distribute.device_count() == 1 and distribute.process_shard() == (0, 1)
     distribute.check_batch_sizes([Stage("rotation", "rotation", {"batch_size": 7})])  # any size splits over one
-    prov = reporting.provenance("kerasrot run table1", "torch", "CPU x", "tfds", 1.0, [], "abc")
+    prov = provenance.record("kerasrot run table1", "torch", "CPU x", "tfds", 1.0, [], "abc")
     assert prov["devices"] == "1 device"
     assert reporting._data_parallel(prov) == ""
     assert reporting._data_parallel({**prov, "devices": "16 devices (gpu) on 2 processes, "

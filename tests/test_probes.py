@@ -93,6 +93,8 @@ def test_probes_recipe_writes_thirty_probes_a_block_table_and_a_plot(data_root, 
         assert f"\n| {block} | " in table
     assert "| layer2 |" in table and "89.06 |" in table  # the paper's NIN block 2 beside our layer2
     assert (out / "probes.png").stat().st_size > 0
+    for name in ("attention.png", "filters.png"):  # recipes/probes.toml's [report.look_inside]
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert len(passes) == 3 * 2  # features computed once per model and split, not once per probe
 
 
@@ -104,7 +106,7 @@ def test_random_control_is_the_rotation_models_starting_point():
                               "precision": "auto", "fused_batchnorm": "auto", "channels_last_kernels": "auto",
                               "jit_compile": "auto"})
     keras.utils.set_random_seed(3)
-    rotation_start = stages.build_model(settings, 4, name="rotation")
+    rotation_start = stages.network(settings, 4, name="rotation")
     keras.utils.set_random_seed(3)
     random_control = models.build_model("resnet18", 4, "imagenet", 32)
     for a, b in zip(rotation_start.weights, random_control.weights):

@@ -17,13 +17,14 @@ SETTINGS = {
 }
 
 
-def _fresh_stage():
-    """A tiny rotation stage: model, train and test batches, all from seed 0."""
+def _fresh_stage(settings=SETTINGS):
+    """A tiny rotation stage: model (compiled with `settings`), train and test batches, all from seed 0."""
     keras.utils.set_random_seed(0)
     images = np.random.default_rng(0).integers(0, 255, size=(10, 32, 32, 3)).astype("uint8")
     train = Batches(images, np.zeros(10), 4, rotations=True, augment=True, shuffle=True, seed=1)  # 4+4+2
     test = Batches(images[:4], np.zeros(4), 4, rotations=True)
-    return models.build_model("resnet18", 4, stem="imagenet"), train, test
+    model = models.build_model("resnet18", 4, stem="imagenet")
+    return training.compile_model(model, settings, steps_per_epoch=len(train)), train, test
 
 
 class StopAfter(keras.callbacks.Callback):

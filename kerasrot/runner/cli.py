@@ -6,6 +6,7 @@ Keras is imported inside the commands, after `KERAS_BACKEND` is checked,
 so even a wrong backend name gets a clear answer.
 """
 
+import functools
 import importlib.util
 import os
 import re
@@ -73,6 +74,7 @@ def _import_tensorflow_quietly():
 def _friendly_errors(function):
     """Turns the errors users cause into one clear line (tracebacks with --debug)."""
 
+    @functools.wraps(function)
     def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
         debug = ctx.find_root().params.get("debug", False)
@@ -87,8 +89,6 @@ def _friendly_errors(function):
                 traceback.print_exc()
             raise Failure(_describe(error)) from None
 
-    wrapper.__name__ = function.__name__
-    wrapper.__doc__ = function.__doc__
     return wrapper
 
 
@@ -185,37 +185,41 @@ def show(recipe, preset, overrides):
               help="Override a setting, e.g. --set rotation.epochs=3 (see `kerasrot show`).")
 @click.option("--data-parallel", is_flag=True,
               help="Split every batch over all accelerators (JAX backend; README, 'More than one accelerator').")
+@click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
+              help="Write TensorBoard logs of every stage to DIR/<stage>/ (keras.callbacks.TensorBoard) while it trains.")
 @_friendly_errors
-def run(recipe, preset, data_dir, workdir, results, overrides, data_parallel):
+def run(recipe, preset, data_dir, workdir, results, overrides, data_parallel, tensorboard):
     """Train and evaluate every stage of RECIPE, then write its results."""
     import keras
 
-    from kerasrot.runner import config, device, distribute, reporting, stages
+    from kerasrot.runner import config, device, distribute, provenance, reporting, stages
 
     started = time.perf_counter()
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise Failure("error: --tensorboard needs the tensorboard package: pip install tensorboard")
     # First: on several machines JAX must connect them before it does anything
     # else, and every model must be built after the distribution is set.
     devices = distribute.data_parallel(data_parallel)
-    commit = reporting.git_commit()  # the code that runs, even if the tree changes meanwhile
+    commit = provenance.git_commit()  # the code that runs, even if the tree changes meanwhile
     loaded = config.load(recipe, preset, config.parse_overrides(overrides))
     distribute.check_batch_sizes(loaded.stages)
     data_dir = _data_dir(data_dir)
     workdir = Path(workdir or os.environ.get("KERASROT_WORKDIR") or DEFAULT_WORKDIR).expanduser()
     backend = keras.backend.backend()
     out = reporting.results_dir(results, loaded.name, preset, backend)
-    _check_writable(out)
+    _check_writable(out)  # made when the results are written: a run that stops before leaves no empty folder
     _check_writable(workdir)
 
     machine = device.description()  # after the distribution is set: it names the devices sharing a batch
     click.echo(f"kerasrot run {loaded.name} --preset {preset}: backend {backend}, "
                f"{machine}, workdir {workdir}, results {out}")
-    options = stages.RunOptions(data_dir=data_dir, workdir=workdir, log=click.echo,
-                                machine=machine, devices=devices, commit=commit)
+    options = stages.RunOptions(data_dir=data_dir, workdir=workdir, log=click.echo, machine=machine, devices=devices,
+                                commit=commit, tensorboard=Path(tensorboard) if tensorboard else None)
     stage_results = stages.run_recipe(loaded, options)
 
     settings = [s.settings for s in loaded.stages]
     sources = sorted({r["data_source"] for r in stage_results.values()})
-    prov = reporting.provenance(
+    prov = provenance.record(
         _command_line(), backend, machine, "; ".join(sources),
         time.perf_counter() - started, settings, commit, devices=devices,
     )
@@ -225,6 +229,8 @@ def run(recipe, preset, data_dir, workdir, results, overrides, data_parallel):
         click.echo("results are written by process 0")
         return
     reporting.write_report(metrics, out)
+    for name, figure in stages.look_inside(loaded, options).items():
+        reporting.save_figure(figure, out / name)
     click.echo(f"results written to {out}/ ({', '.join(sorted(f.name for f in out.iterdir()))})")
 
 
@@ -243,6 +249,50 @@ def evaluate(checkpoint, data_dir, dataset, test_images_per_class):
     from kerasrot.runner.evaluate import evaluate_checkpoint
 
     click.echo(evaluate_checkpoint(checkpoint, _data_dir(data_dir), dataset, test_images_per_class))
+
+
+@main.command()
+@click.argument("model")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--upright", type=click.Path(file_okay=False), default=None,
+              help="Rotation models: write every image turned back upright into this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON instead of a table.")
+@click.option("--gallery", type=click.Path(dir_okay=False), default=None,
+              help="Draw the images with their predictions into this PNG file.")
+@click.option("--preset", default="quick", show_default=True, help="For MODEL as RECIPE:STAGE: the run's preset.")
+@click.option("--set", "overrides", multiple=True, metavar="TASK.KEY=VALUE", help="For RECIPE:STAGE: the run's --set.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help=f"For RECIPE:STAGE: the stage cache [default: $KERASROT_WORKDIR or {DEFAULT_WORKDIR}].")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="For RECIPE:STAGE: the run's --data-dir [default: $KERASROT_DATA_DIR, else tfds].")
+@_friendly_errors
+def predict(model, images, upright, as_json, gallery, preset, overrides, workdir, data_dir):
+    """Apply MODEL to IMAGES (files or folders): which way up each is, or its classes.
+
+    MODEL is a .keras file or a recipe's stage, e.g. table2:rotation, as
+    `kerasrot run` trained it with the same --preset and --set.
+    """
+    from kerasrot.runner import config, predict as predicting, reporting
+
+    if model.endswith(".keras") or Path(model).exists() or ":" not in model:
+        path = Path(model)
+    else:
+        workdir = Path(workdir or os.environ.get("KERASROT_WORKDIR") or DEFAULT_WORKDIR).expanduser()
+        path = predicting.stage_model_path(model, preset, config.parse_overrides(overrides), workdir,
+                                           _data_dir(data_dir))
+    paths = predicting.image_paths(images)
+    if not paths:
+        raise Failure("error: no images found in " + " ".join(images))
+    loaded, task, predictions = predicting.predict(path, paths)
+    if upright and task != "rotation":
+        raise Failure(f"error: --upright needs a rotation model; {model} is a classifier")
+    click.echo(predicting.as_json(predictions) if as_json else predicting.table(predictions))
+    if upright:
+        written = predicting.write_upright(paths, predictions, upright)
+        click.echo(f"{len(written)} image(s) written upright to {upright}/", err=as_json)
+    if gallery:
+        reporting.save_figure(predicting.gallery(paths, predictions, loaded.input_shape[1]), gallery)
+        click.echo(f"gallery written to {gallery}", err=as_json)
 
 
 @main.command()
@@ -276,12 +326,15 @@ def _data_dir(option):
 
 
 def _check_writable(directory):
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".kerasrot-write-test"
-        probe.write_text("")
-        probe.unlink()
+    """Stops with one line unless `directory` can be made and written, leaving nothing new behind."""
+    import tempfile
+
+    directory = Path(directory).expanduser().absolute()
+    existing = next(folder for folder in (directory, *directory.parents) if folder.exists())
+    try:  # the nearest folder that exists takes a file (and then the folders below it)
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a folder", str(existing))
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
         raise Failure(f"error: cannot write to {directory} ({error.strerror}); choose another folder") from None
 

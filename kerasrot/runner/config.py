@@ -43,6 +43,7 @@ TASKS = ("rotation", "classify", "probe")
 IMAGE_TASKS = ("rotation", "classify")  # those that train on images (a probe trains on cached features)
 PRESETS = ("quick", "paper")
 SWEEP = ("figure1", "labels_per_class")  # the list a figure1 stage repeats over (per preset, or --set)
+SHARED_FILES = ("presets", "columns")  # the files in recipes/ that are not recipes
 
 
 class RecipeError(Exception):
@@ -115,13 +116,18 @@ SETTINGS = {
     "streaming": Setting(str, "read image folders from disk batch by batch; auto: folder:PATH larger than "
                          "a quarter of memory", ON_OFF, tasks=IMAGE_TASKS),
     "verbose": Setting(int, "Keras progress: 0 silent, 1 bar, 2 a line per epoch", (0, 1, 2)),
+    # watching, not changing what trains
+    "knn_monitor": Setting(str, "after each epoch, the kNN accuracy of a block's features (kerasrot.knn); auto: on "
+                           "where the data has labels and it costs under 5% of the stage", ON_OFF, tasks=("rotation",)),
+    "knn_block": Setting(str, "the block whose pooled features the kNN monitor reads", PROBED_BLOCKS,
+                         tasks=("rotation",)),
+    "knn_images_per_class": Setting(int, "labelled training images per class the kNN monitor's neighbours come from",
+                                    minimum=1, tasks=("rotation",)),
 }
 # They do not change what a stage computes. (bad_images: a run that stops at a
 # bad file leaves no result, so every result on a folder with bad files skipped them.)
-NOT_IN_KEY = ("pipeline", "streaming", "bad_images", "verbose", "cuda_graphs")
-# Settings added after stages were trained, with the value that means "as
-# before": at that value they are left out of the key, so earlier stages stay cached.
-KEY_ONLY_WHEN_SET = {"global_clipnorm": 0.0}
+NOT_IN_KEY = ("pipeline", "streaming", "bad_images", "verbose", "cuda_graphs", "knn_monitor", "knn_block",
+              "knn_images_per_class")
 
 
 @dataclasses.dataclass
@@ -142,6 +148,8 @@ class Recipe:
     stages: list
     reference: dict  # metric -> {"A": float, "B": float}
     notes: str = ""
+    columns: dict = dataclasses.field(default_factory=dict)  # reference column -> {"title": ..., "legend": ...}
+    report: dict = dataclasses.field(default_factory=dict)  # the recipe's own tables and plots ([report])
 
 
 def _recipe_files():
@@ -151,7 +159,7 @@ def _recipe_files():
 def available():
     """Recipe names: the recipe files shipped in the package."""
     names = (f.name.removesuffix(".toml") for f in _recipe_files().iterdir() if f.name.endswith(".toml"))
-    return sorted(n for n in names if n != "presets")
+    return sorted(n for n in names if n not in SHARED_FILES)
 
 
 def _read_toml(name):
@@ -325,10 +333,22 @@ def load(name, preset="quick", overrides=None):
         if missing:
             raise RecipeError(f"{where}: no value for {', '.join(missing)} (recipes/presets.toml)")
     key_stages(stages, where=f"recipes/{name}.toml")
+    reference = spec.get("reference", {})
     return Recipe(
         name=name, title=spec["title"], reproduces=spec["reproduces"], preset=preset, stages=stages,
-        reference=spec.get("reference", {}), notes=spec.get("notes", ""),
+        reference=reference, notes=spec.get("notes", ""), columns=_columns(reference, name),
+        report=spec.get("report", {}),
     )
+
+
+def _columns(reference, name):
+    """The titles and legends (recipes/columns.toml) of the columns a recipe's references cite."""
+    known = _read_toml("columns")
+    cited = sorted({column for numbers in reference.values() for column in numbers})
+    unknown = [column for column in cited if column not in known]
+    if unknown:
+        raise RecipeError(f"recipes/{name}.toml: reference column {unknown[0]!r} is not in recipes/columns.toml")
+    return {column: known[column] for column in cited}
 
 
 def _repeats(repeat, sweep, where):
@@ -351,22 +371,15 @@ def _setting_order(key):
     return list(SETTINGS).index(key) if key in SETTINGS else len(SETTINGS)
 
 
-def _in_key(key, value):
-    return key not in NOT_IN_KEY and not (key in KEY_ONLY_WHEN_SET and value == KEY_ONLY_WHEN_SET[key])
-
-
-def key_stages(stages, context=None, where="recipe", as_keyed=None):
+def key_stages(stages, context=None, where="recipe"):
     """Gives each stage a key: a hash of what decides its result.
 
     That is its settings, its task, the key of the stage it starts from,
     and `context` (the runner adds the data source and the backend).
-    `as_keyed(settings)`, if given, writes alike settings alike first (the
-    runner's `stages.as_keyed`: a subset that is the whole split is "all").
     """
     keys, by_name = {}, {}
     for stage in stages:
-        settings = as_keyed(stage.settings) if as_keyed else stage.settings
-        identity = {k: v for k, v in settings.items() if _in_key(k, v)}
+        identity = {k: v for k, v in stage.settings.items() if k not in NOT_IN_KEY}
         identity.update(context or {}, task=stage.task)
         if stage.settings.get("init", "random") != "random":
             init = stage.settings["init"]

@@ -96,3 +96,47 @@ def description():
     count, (_, processes) = distribute.device_count(), distribute.process_shard()
     on = f" on {processes} processes" if processes > 1 else ""
     return f"{machine}; {count} {keras.backend.backend().upper()} device{'s' if count > 1 else ''}{on}, data-parallel"
+
+
+def torch_on_cuda():
+    if keras.backend.backend() != "torch":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def fed(batches):
+    """`batches` as the device wants them fed: as they are, or `HostBatches` under torch on a CUDA GPU."""
+    return HostBatches(batches) if torch_on_cuda() else batches
+
+
+class HostBatches(keras.utils.PyDataset):
+    """`kerasrot.pipeline.Batches` made on the host's CPU and copied to the GPU without waiting.
+
+    Under torch on a CUDA GPU, every `keras.ops` call with a NumPy array
+    copies it to the GPU from ordinary (pageable) memory, which waits until
+    the GPU has finished every step queued before it. So the pixel work of a
+    batch runs on the CPU, and the batch goes to the GPU in one copy through
+    pinned memory with `non_blocking=True`: queued behind the running step,
+    while the host goes on preparing the next batch (PyTorch keeps the
+    pinned buffer until the copy is done). Everything else (`set_epoch`,
+    `num_samples`, ...) is the wrapped batches'.
+    """
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        import torch
+
+        with keras.device("cpu"):
+            arrays = self.batches[index]
+        return tuple(torch.as_tensor(a).contiguous().pin_memory().to("cuda", non_blocking=True) for a in arrays)
+
+    def __getattr__(self, name):  # only for what this class does not have itself
+        return getattr(self.__dict__["batches"], name)

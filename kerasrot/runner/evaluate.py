@@ -40,7 +40,7 @@ def evaluate_checkpoint(path, data_dir, dataset=None, test_images_per_class=None
     `test_images_per_class`: None as recorded, "all", or a number.
     """
     model = load_checkpoint(path)
-    recorded = _recorded_result(path)
+    recorded = recorded_result(path)
     settings = recorded.get("settings", {})
     outputs = model.output_shape[-1]
     task = "rotation" if outputs == NUM_ROTATIONS else "classify"
@@ -71,7 +71,7 @@ def evaluate_checkpoint(path, data_dir, dataset=None, test_images_per_class=None
     return "\n".join(lines)
 
 
-def _recorded_result(path):
+def recorded_result(path):
     result = Path(path).with_name("result.json")
     try:
         return json.loads(result.read_text())

@@ -68,13 +68,17 @@ def split_sizes(settings, split):
     info = data.DATASETS.get(settings["dataset"])
     if info is None:
         return None
-    return per_class * info.num_classes if per_class is not None else info.sizes[split]
+    return per_class * len(info.class_names) if per_class is not None else info.sizes[split]
 
 
-def stage_work(stage, features_counted=False):
-    """The passes of one stage (`Work` list). `features_counted`: a probe whose features another probe computed."""
+def stage_work(stage, features_counted=False, sizes=None):
+    """The passes of one stage (`Work` list). `features_counted`: a probe whose features another probe computed.
+
+    `sizes`: the `(train, test)` images the stage read, once it has; before,
+    they are computed from its settings and the dataset's published sizes.
+    """
     s = stage.settings
-    train, test = split_sizes(s, "train"), split_sizes(s, "test")
+    train, test = sizes or (split_sizes(s, "train"), split_sizes(s, "test"))
     both = None if None in (train, test) else train + test
     copies = NUM_ROTATIONS if stage.task == "rotation" else 1
     epoch = s.get("samples_per_epoch") or train
@@ -89,8 +93,30 @@ def stage_work(stage, features_counted=False):
                 Work("train", "trainable part", s["epochs"], epoch),
                 Work("test", "trainable part, forward", s["epochs"], test),
                 Work("test of the saved model", "whole network, forward", 1, test)]
+    knn = [knn_work(s, test // copies)] if s.get("knn_monitor", "off") != "off" and knn_has_labels(s) else []
     return [Work("train", "whole network", s["epochs"], epoch), Work("test", "whole network, forward", s["epochs"], test),
-            Work("test of the saved model", "whole network, forward", 1, test)]
+            *knn, Work("test of the saved model", "whole network, forward", 1, test)]
+
+
+KNN_SHARE = 0.05  # knn_monitor = "auto" is on where it adds at most this to its stage's work
+
+
+def knn_has_labels(settings):
+    """Whether the kNN monitor can score a rotation stage's data: the built-in datasets have labels."""
+    return settings["dataset"] in data.DATASETS
+
+
+def knn_work(settings, test_images):
+    """The kNN monitor's passes (`kerasrot.knn`): each epoch, its labelled subset and the test images, forward."""
+    subset = settings["knn_images_per_class"] * len(data.DATASETS[settings["dataset"]].class_names)
+    return Work("kNN monitor", "whole network, forward", settings["epochs"], subset + test_images)
+
+
+def knn_share(stage):
+    """What the kNN monitor adds to a rotation stage's work, as a share of the rest."""
+    items = stage_work(stage)
+    monitor = sum(item.worth for item in items if item.what == "kNN monitor")
+    return monitor / max(sum(item.worth for item in items) - monitor, 1e-9)
 
 
 def count_work(stages):
@@ -133,6 +159,12 @@ class RunTracker:
 
     def skip(self, stage):
         self.left[stage.name] = 0.0
+
+    def read(self, stage, train_images, test_images):
+        """The stage has read its data: its work, counted again from the images it holds."""
+        elsewhere = stage.task == "probe" and not any(item.what.startswith("features") for item in self.work[stage.name])
+        self.work[stage.name] = stage_work(stage, features_counted=elsewhere, sizes=(train_images, test_images))
+        self.left[stage.name] = sum(item.worth for item in self.work[stage.name])
 
     def counter(self, what, label, total):
         """An `on_batch(images)` for a pass of the stage outside `model.fit` (frozen outputs, block features)."""
@@ -190,6 +222,8 @@ class Progress(keras.callbacks.Callback):
         self.train_samples, self.train_steps = train.num_samples, len(train)
         self.test_samples, self.test_steps = test.num_samples, len(test)
         self.cost, self.test_cost = tracker.cost("train"), tracker.cost("test")
+        # A kNN monitor's passes (kerasrot.knn) end each epoch, before this callback's on_epoch_end.
+        self.knn = sum(item.worth / item.passes for item in tracker.work[tracker.stage.name] if item.what == "kNN monitor")
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch, self.seen, self.epoch_start = epoch + 1, 0, time.perf_counter()
@@ -209,4 +243,6 @@ class Progress(keras.callbacks.Callback):
                 f"{rate:,.0f} samples/s")
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.knn:
+            self.tracker.advance(self.knn, lambda: "kNN monitor")
         self.tracker.line(f"epoch {self.epoch}/{self.params['epochs']} done")

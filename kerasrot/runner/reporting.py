@@ -6,20 +6,13 @@ everything else in `results/<recipe>/<preset>/` is rendered from it, so
 """
 
 import csv
-import hashlib
 import io
-import os
-import platform
-import subprocess
-import sys
-from importlib import metadata
+import re
 from pathlib import Path
 
-from kerasrot import __version__
-from kerasrot.data import FOLDER, TFDS
+from kerasrot import data, visualize
 from kerasrot.runner import files
 
-PACKAGES = ("kerasrot", "keras", "torch", "jax", "tensorflow", "tensorflow-cpu", "tensorflow-datasets", "numpy")
 HISTORY_FIELDS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
 
 
@@ -29,109 +22,11 @@ def results_dir(root, recipe, preset, backend_name):
     return Path(root) / recipe / f"{preset}{suffix}"
 
 
-# Results depend on the package and the recipes only: changes elsewhere
-# (tests, benchmarks, docs) do not make a result irreproducible.
-SOURCE_FOLDERS = ("kerasrot", "recipes")
-# A copy of the tree on another machine (a lent GPU machine) may have no .git,
-# or one still at the commit its session started from, which calls the copy
-# "-dirty". Such a machine names its commit through a manifest made where the
-# commit is: its first line, then `git ls-files -s -- kerasrot recipes`
-# (benchmarks/gpu_session.sh prepare). Set, it wins over git.
-MANIFEST_VARIABLE = "KERASROT_COMMIT_MANIFEST"
-BUILD_COMMIT = "BUILD_COMMIT"  # in an installed package: the commit it was built from (setup.py)
-
-
-def git_commit():
-    """The commit whose code runs, with "-dirty" if kerasrot/ or recipes/ differ from it.
-
-    From a clone (or an editable install) git says; an installed copy names
-    the commit it was built from (`BUILD_COMMIT`, written by setup.py).
-    """
-    root = Path(__file__).resolve().parents[2]
-    if os.environ.get(MANIFEST_VARIABLE):
-        return commit_from_manifest(root, os.environ[MANIFEST_VARIABLE])
-    built = root / "kerasrot" / BUILD_COMMIT
-    try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        if Path(top).resolve() != root:  # site-packages inside some repository (a .venv in the clone)
-            raise subprocess.CalledProcessError(1, "git")
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", *(f":/{folder}" for folder in SOURCE_FOLDERS)],
-            cwd=root, capture_output=True, text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        if built.exists():
-            return f"{built.read_text().strip()} (installed kerasrot {__version__})"
-        return f"unknown (installed kerasrot {__version__}, not built from a git checkout)"
-    return commit + ("-dirty" if dirty else "")
-
-
-def commit_from_manifest(root, manifest):
-    """The manifest's commit, "-dirty" unless every source file has the blob hash git recorded.
-
-    Git names a file's content by sha1(b"blob <size>\\0" + content) (a link's
-    content is its target), so the check needs no git, only the files.
-    """
-    lines = Path(manifest).read_text().splitlines()
-    commit, recorded = lines[0].strip(), {}
-    for line in lines[1:]:
-        fields, name = line.split("\t", 1)  # "<mode> <blob> <stage>\t<path>"
-        recorded[name] = fields.split()[1]
-    found = {name: _blob_hash(root / name) for name in _source_files(root)}
-    return commit + ("" if found == recorded else "-dirty")
-
-
-def _source_files(root):
-    """Every file and link under SOURCE_FOLDERS, as git would list them (no caches)."""
-    for folder in SOURCE_FOLDERS:
-        for directory, folders, names in os.walk(root / folder):
-            links = [name for name in folders if os.path.islink(os.path.join(directory, name))]
-            folders[:] = [name for name in folders if name != "__pycache__" and name not in links]
-            for name in names + links:
-                if not name.endswith(".pyc"):
-                    yield Path(directory, name).relative_to(root).as_posix()
-
-
-def _blob_hash(path):
-    content = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
-
-
-def package_versions():
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def provenance(command, backend_name, device, data_source, wall_seconds, settings, commit, devices="1 device"):
-    """How a result was made. `devices`: those that shared each batch (`kerasrot.runner.distribute`)."""
-    return {
-        "command": command,
-        "backend": backend_name,
-        "device": device,
-        "devices": devices,
-        "data": data_source,
-        "commit": commit,
-        "packages": package_versions(),
-        "wall_seconds": round(wall_seconds, 1),
-        **{key: sorted({s[key] for s in settings if key in s})  # probe stages have none of them
-           for key in ("pipeline", "precision", "data_format", "fused_batchnorm", "channels_last_kernels")},
-        "platform": f"{platform.system()} {platform.machine()}, {sys.implementation.name}",
-    }
-
-
 def citations(recipe):
-    """What a recipe says about its table: title, what it reproduces, notes and the published numbers."""
+    """What a recipe says about its table: title, what it reproduces, notes, the published numbers,
+    their columns' titles and legends, and the recipe's own plots."""
     return {"title": recipe.title, "reproduces": recipe.reproduces, "notes": recipe.notes,
-            "reference": recipe.reference}
+            "reference": recipe.reference, "columns": recipe.columns, "report": recipe.report}
 
 
 def build_metrics(recipe, results, prov):
@@ -154,7 +49,7 @@ def markdown_table(metrics):
     # Where rows differ in what the network sees (ImageNette at 64x64, or another stem), say each row's.
     inputs = {name: _trained_at(metrics["stages"][name]) for name in networks}
     show_inputs = len(set(inputs.values())) > 1
-    header = ["quantity", "ours", *[_column_title(c) for c in columns], "train images", "epochs",
+    header = ["quantity", "ours", *[_column_title(metrics, c) for c in columns], "train images", "epochs",
               *(["trained at"] if show_inputs else [])]
     lines = [
         f"# {metrics['recipe']} ({metrics['preset']}): {metrics['title']}",
@@ -179,7 +74,8 @@ def markdown_table(metrics):
             s["task"] == "rotation" for s in metrics["stages"].values()) else "."),
         f"Test samples per row: {', '.join(sorted({str(s['test_samples']) for s in metrics['stages'].values()}))}.",
     ]
-    notes = " ".join([*(COLUMN_LEGENDS[c] for c in columns if c in COLUMN_LEGENDS), metrics.get("notes", "")]).strip()
+    legends = [metrics.get("columns", {}).get(c, {}).get("legend") for c in columns]
+    notes = " ".join([*filter(None, legends), metrics.get("notes", "")]).strip()
     if notes:
         lines += ["", notes]
     own_data = _own_data(metrics)
@@ -193,12 +89,8 @@ def markdown_table(metrics):
         f"{', channels_last kernels' if 'on' in p.get('channels_last_kernels', []) else ''}), "
         f"data: {p['data']}, commit {p['commit']}, {_minutes(metrics)}.",
         *_made_elsewhere(metrics),
+        *data.caveats(p["data"]),
     ]
-    if "cifar10 (JPEG" in p["data"]:
-        lines.append(
-            "CIFAR-10 was read from JPEG files, a lossy copy of its original pixels: "
-            "accuracies can differ slightly from the original dataset's."
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -207,7 +99,7 @@ def _own_data(metrics):
     own = {}
     for name, stage in metrics["stages"].items():
         dataset = stage.get("settings", {}).get("dataset", "")
-        if dataset.startswith((FOLDER, TFDS)):
+        if dataset.startswith((data.FOLDER, data.TFDS)):
             own.setdefault(dataset, []).append(name)
     if not own:
         return ""
@@ -262,27 +154,32 @@ def _trained_at(stage):
     return f"{size}x{size}, {STEM_NAMES[stem]} stem"  # config checks stem is one of models.STEMS
 
 
-def _column_title(column):
-    titles = {"A": "report A", "B": "report B", "paper": "paper (Fig. 5b, NIN)", "nin": "paper (Table 1, NIN)",
-              "rotnet": "paper (NIN)"}
-    return titles.get(column, column)
+def _column_title(metrics, column):
+    return metrics.get("columns", {}).get(column, {}).get("title", column)
 
 
-# What a reference column means, said once below every table that has it (recipes' notes say where each number is from).
-COLUMN_LEGENDS = {
-    "rotnet": "paper (NIN): the RotNet paper's own numbers (Gidaris et al. 2018, its 4-block Network-in-Network, "
-              "as quoted by secondary sources), the upper anchors we aim past.",
-}
+def named_by(pattern, name):
+    """The fields of a stage name written by `pattern`: ("probes.{block}.{init}", "probes.stem.random") ->
+    {"block": "stem", "init": "random"}; None where the name does not fit."""
+    regex = re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^.]+)", re.escape(pattern))
+    found = re.fullmatch(regex, name)
+    return found.groupdict() if found else None
 
 
 def probes_by_block(metrics):
     """`{block: {(probe, init): accuracy}}` of the probe stages, blocks in the order they were probed."""
-    table = {}
-    for name, stage in metrics["stages"].items():
-        if stage["task"] == "probe":
-            init = name.rsplit(".", 1)[1]  # probes.<block>.<probe>.<init>
-            table.setdefault(stage["settings"]["block"], {})[stage["settings"]["probe"], init] = stage["accuracy"]
+    spec, table = metrics.get("report", {}).get("probes"), {}
+    for name, stage in (metrics["stages"].items() if spec else ()):
+        fields = named_by(spec["stages"], name)
+        if stage["task"] == "probe" and fields:
+            table.setdefault(fields["block"], {})[fields["probe"], fields["init"]] = stage["accuracy"]
     return table
+
+
+def probe_reference(metrics, block):
+    """The published number the probes' spec sets beside `block`, or None."""
+    spec = metrics["report"]["probes"]
+    return metrics["reference"].get(spec["reference_stage"].format(block=block), {}).get(spec["column"])
 
 
 def probe_table(metrics):
@@ -292,11 +189,12 @@ def probe_table(metrics):
         return []
     inits = list(dict.fromkeys(init for row in table.values() for _, init in row))
     columns = sorted({key for row in table.values() for key in row}, key=lambda c: (c[0], inits.index(c[1])))
-    header = ["block", *[f"{probe}, {init.replace('_', ' ')}" for probe, init in columns], _column_title("nin")]
+    header = ["block", *[f"{probe}, {init.replace('_', ' ')}" for probe, init in columns],
+              _column_title(metrics, metrics["report"]["probes"]["column"])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for block, row in table.items():
-        paper = metrics["reference"].get(f"probes.{block}.nonlinear.rotation_init", {}).get("nin")
-        lines.append("| " + " | ".join([block, *[_fmt(row.get(c)) for c in columns], _fmt(paper)]) + " |")
+        cells = [block, *[_fmt(row.get(c)) for c in columns], _fmt(probe_reference(metrics, block))]
+        lines.append("| " + " | ".join(cells) + " |")
     return ["Probes: test accuracy of a classifier on each block's frozen features.", "", *lines, "",
             "The networks they probe:", ""]
 
@@ -306,8 +204,10 @@ def _fmt(value):
 
 
 def history_csv(metrics):
+    records = [record for stage in metrics["stages"].values() for record in stage["history"]]
+    knn = ("knn_accuracy", "knn_seconds") if any("knn_accuracy" in record for record in records) else ()  # kerasrot.knn
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(out, fieldnames=(*HISTORY_FIELDS, *knn), extrasaction="ignore")
     writer.writeheader()
     for name, stage in metrics["stages"].items():
         for record in stage["history"]:
@@ -315,13 +215,29 @@ def history_csv(metrics):
     return out.getvalue()
 
 
-def plot_curves(metrics, path):
-    """Test accuracy per epoch of every stage: rotation stages left, classification right."""
+def pyplot():
+    """matplotlib's pyplot, drawing to files: the command writes PNGs and needs no screen."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return visualize.pyplot()
 
+
+def dataset_title(metrics, task):
+    """How the plots name the data a task's stages trained on: "CIFAR-10", or the dataset's name."""
+    names = dict.fromkeys(stage["settings"]["dataset"] for stage in metrics["stages"].values() if stage["task"] == task)
+    return ", ".join(data.DATASETS[n].title if n in data.DATASETS else n for n in names)
+
+
+def plot_curves(metrics, path):
+    """Test accuracy per epoch of every stage: rotation stages left, classification right.
+
+    Where a rotation stage recorded a kNN monitor's accuracy (`kerasrot.knn`),
+    it is drawn beside the rotation accuracy, dashed, in the same colour.
+    """
+    import matplotlib
+
+    plt = pyplot()
     tasks = [t for t in ("rotation", "classify") if any(s["task"] == t for s in metrics["stages"].values())]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -329,86 +245,84 @@ def plot_curves(metrics, path):
             if stage["task"] != task or not stage["history"]:
                 continue
             epochs = [r["epoch"] for r in stage["history"]]
-            ax.plot(epochs, [100 * r.get("val_accuracy", 0) for r in stage["history"]], marker="o", label=name)
+            line, = ax.plot(epochs, [100 * r.get("val_accuracy", 0) for r in stage["history"]], marker="o",
+                            label=name)
+            if all("knn_accuracy" in r for r in stage["history"]):
+                ax.plot(epochs, [100 * r["knn_accuracy"] for r in stage["history"]], "s--", color=line.get_color(),
+                        label=f"{name}: kNN on {stage['settings'].get('knn_block', 'its')} features, "
+                              f"{dataset_title(metrics, task)} labels")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # no epoch 2.5
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title("rotation prediction" if task == "rotation" else "CIFAR-10 classification")
+        ax.set_title("rotation prediction" if task == "rotation" else f"{dataset_title(metrics, task)} classification")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{metrics['recipe']} ({metrics['preset']})")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
-def plot_figure1(metrics, path):
-    """Accuracy vs labelled images per class (log x axis), both inits and the paper's trend."""
-    import matplotlib
+def plot_sweep(metrics, path):
+    """Accuracy against a swept setting (log x axis), one line per init, the published trend beside.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    The recipe's `[report.sweep]` says how its stages are named
+    ("figure1.{x}.{line}") and which reference column is the trend.
+    """
+    spec = metrics["report"]["sweep"]
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for init, style in (("rotation_init", "o-"), ("random_init", "s-")):
-        points = sorted(
-            (int(name.split(".")[1]), acc)
-            for name, acc in metrics["accuracy"].items()
-            if name.startswith("figure1.") and name.endswith(init)
-        )
-        if points:
-            ax.plot(*zip(*points), style, label=f"ours, {init.replace('_', ' ')}")
-        ref = sorted(
-            (int(name.split(".")[1]), r["paper"])
-            for name, r in metrics["reference"].items()
-            if name.endswith(init) and "paper" in r
-        )
-        if ref:
-            ax.plot(*zip(*ref), style, alpha=0.35, label=f"paper trend (NIN), {init.replace('_', ' ')}")
+    swept = [fields for name in metrics["stages"] if (fields := named_by(spec["stages"], name))]  # not rotation
+    lines = list(dict.fromkeys(fields["line"] for fields in swept))
+    for line, style in zip(lines, ("o-", "s-", "^-", "v-")):
+        ours = sorted((int(fields["x"]), accuracy) for name, accuracy in metrics["accuracy"].items()
+                      if (fields := named_by(spec["stages"], name)) and fields["line"] == line)
+        if ours:
+            ax.plot(*zip(*ours), style, label=f"ours, {line.replace('_', ' ')}")
+        trend = sorted((int(fields["x"]), numbers[spec["column"]]) for name, numbers in metrics["reference"].items()
+                       if (fields := named_by(spec["stages"], name)) and fields["line"] == line
+                       and spec["column"] in numbers)
+        if trend:
+            ax.plot(*zip(*trend), style, alpha=0.35, label=f"{spec['reference_label']}, {line.replace('_', ' ')}")
     ax.set_xscale("log")
-    ax.set_xlabel("labelled images per class")
-    ax.set_ylabel("CIFAR-10 test accuracy (%)")
-    ax.set_title(f"figure1 ({metrics['preset']}): rotation weights vs random weights")
+    ax.set_xlabel(spec["xlabel"])
+    ax.set_ylabel(f"{dataset_title(metrics, 'classify')} test accuracy (%)")
+    ax.set_title(f"{metrics['recipe']} ({metrics['preset']}): {spec['title']}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_probes(metrics, path):
-    """Probe accuracy against depth: one line per init and classifier, the paper's NIN beside."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Probe accuracy against depth: one line per init and classifier, the paper's beside."""
+    spec = metrics["report"]["probes"]
+    plt = pyplot()
     table = probes_by_block(metrics)
     blocks = list(table)
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    styles = {"rotation_init": "C0", "random_init": "C1", "supervised": "C2"}
+    inits = list(dict.fromkeys(init for row in table.values() for _, init in row))
     for probe, init in dict.fromkeys(key for row in table.values() for key in row):
         points = [(i, table[b][probe, init]) for i, b in enumerate(blocks) if (probe, init) in table[b]]
-        ax.plot(*zip(*points), "o-" if probe == "nonlinear" else "s--", color=styles.get(init),
+        ax.plot(*zip(*points), "o-" if probe == "nonlinear" else "s--", color=f"C{inits.index(init)}",
                 label=f"{probe}, {init.replace('_', ' ')}")
-    paper = [(i, metrics["reference"][f"probes.{b}.nonlinear.rotation_init"]["nin"]) for i, b in enumerate(blocks)
-             if f"probes.{b}.nonlinear.rotation_init" in metrics["reference"]]
+    paper = [(i, value) for i, b in enumerate(blocks) if (value := probe_reference(metrics, b)) is not None]
     if paper:
-        ax.plot(*zip(*paper), "o:", color="gray", alpha=0.6, label="paper: NIN blocks 1-4, non-linear, rotation")
+        ax.plot(*zip(*paper), "o:", color="gray", alpha=0.6, label=spec["reference_label"])
     ax.set_xticks(range(len(blocks)), blocks)
     ax.set_xlabel("block whose frozen features are probed")
-    ax.set_ylabel("CIFAR-10 test accuracy (%)")
-    ax.set_title(f"probes ({metrics['preset']}): where the useful features are")
+    ax.set_ylabel(f"{dataset_title(metrics, 'probe')} test accuracy (%)")
+    ax.set_title(f"{metrics['recipe']} ({metrics['preset']}): where the useful features are")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines, not over them
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
-def _save_figure(fig, path):
-    import matplotlib.pyplot as plt
-
+def save_figure(fig, path):
+    """Writes a matplotlib figure to `path` as PNG, atomically, and closes it."""
     with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def write_report(metrics, directory):
@@ -433,9 +347,9 @@ def render(directory, recipe=None):
     files.write_text(directory / "table.md", markdown_table(metrics))
     files.write_text(directory / "history.csv", history_csv(metrics))
     plot_curves(metrics, directory / "curves.png")
-    if metrics["recipe"] == "figure1":
-        plot_figure1(metrics, directory / "figure1.png")
+    report = metrics.get("report", {})
+    if "sweep" in report:
+        plot_sweep(metrics, directory / report["sweep"]["file"])
     if probes_by_block(metrics):
         plot_probes(metrics, directory / "probes.png")
     return metrics
-

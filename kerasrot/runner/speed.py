@@ -311,6 +311,22 @@ def _torch_nchw(layer):
     return keras.backend.backend() == "torch" and layer.data_format == "channels_first"
 
 
+def prepare_to_train(model, settings, log=print):
+    """The speed-ups that act on a compiled model before its first step (in place) -> the model.
+
+    With `channels_last_kernels`, the optimiser's slots take the kernels'
+    layout; with `cuda_graphs`, the train and test steps are recorded once
+    and replayed (`kerasrot.runner.cuda_graphs`).
+    """
+    if settings.get("channels_last_kernels") == "on":
+        lay_out_slots_like_variables(model.optimizer)
+    if settings.get("cuda_graphs") == "on":
+        from kerasrot.runner import cuda_graphs
+
+        cuda_graphs.install(model, log=log)
+    return model
+
+
 def lay_out_slots_like_variables(optimizer):
     """Has a torch `optimizer` lay each slot (SGD's momentum, Adam's moments) out as its variable.
 

@@ -25,17 +25,27 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
-from kerasrot import data, folders, frozen, models, probes, training
+from kerasrot import data, folders, frozen, knn, models, probes, training, visualize
 from kerasrot.pipeline import Batches
 from kerasrot.rotations import NUM_ROTATIONS
-from kerasrot.runner import device, distribute, files, reporting, speed
+from kerasrot.runner import device, distribute, files, provenance, speed
 from kerasrot.runner.config import key_stages
-from kerasrot.runner.progress import Progress, RunTracker
+from kerasrot.runner.progress import KNN_SHARE, Progress, RunTracker, knn_has_labels, knn_share
 
 
 class StageError(Exception):
     """A stage could not finish (its loss diverged); the message says which and what is kept."""
+
+
+@dataclasses.dataclass
+class RunCache:
+    """What the stages of one run read once and share. A run carries it; nothing outlives the run."""
+
+    folders: dict = dataclasses.field(default_factory=dict)  # resolved path -> `folders.FolderIndex`
+    splits: dict = dataclasses.field(default_factory=dict)  # the arguments of `data.load_split` -> its `Split`
+    features: dict = dataclasses.field(default_factory=dict)  # a frozen model's block features (one model's)
 
 
 @dataclasses.dataclass
@@ -47,7 +57,9 @@ class RunOptions:
     # later run may have been trained on another machine, or by other code.
     machine: str = dataclasses.field(default_factory=device.description)
     devices: str = dataclasses.field(default_factory=distribute.description)  # those sharing each batch
-    commit: str = dataclasses.field(default_factory=reporting.git_commit)
+    commit: str = dataclasses.field(default_factory=provenance.git_commit)
+    cache: RunCache = dataclasses.field(default_factory=RunCache)
+    tensorboard: Path | None = None  # where each stage writes TensorBoard logs, DIR/<stage>/
 
 
 def stage_dir(workdir, stage):
@@ -59,38 +71,43 @@ def resolve_stages(recipe, options):
     folder_fingerprints = {}
     for stage in recipe.stages:
         speed.resolve(stage.settings)
+        resolve_knn_monitor(stage)
         if stage.settings["verbose"] == 1 and not sys.stdout.isatty():
             stage.settings["verbose"] = 2  # a progress bar in a log file is one line per step
-        folder_fingerprints.update(resolve_data(stage.settings))
+        folder_fingerprints.update(resolve_data(stage.settings, options.cache))
     data_source = str(Path(options.data_dir).resolve()) if options.data_dir else "tfds"
     # A folder's fingerprint changes with its files: a stage trained before they changed is not reused.
     key_stages(recipe.stages, context={"data": data_source, "backend": keras.backend.backend(),
-                                       **({"folders": folder_fingerprints} if folder_fingerprints else {})},
-               as_keyed=lambda settings: as_keyed(settings, options.data_dir))
+                                       **({"folders": folder_fingerprints} if folder_fingerprints else {})})
 
 
-def as_keyed(settings, data_dir):
-    """`settings` as their stage is keyed: a subset that is the whole split is "all".
-
-    Stages that train on the same images in the same order then share one key,
-    so one trains and the other reuses it: figure1's 5000 labelled images per
-    class of CIFAR-10, in epochs of 50,000, is table3's whole-network stage
-    where both train at the same learning rate.
-    """
-    keyed, dataset = dict(settings), settings["dataset"]
-    for split, key in (("train", "images_per_class"), ("test", "test_images_per_class")):
-        # `balanced_subset` of every image of every class is the whole split, in its order.
-        if data.is_whole_split(dataset, split, keyed.get(key), data_dir):
-            keyed[key] = None
-    info = data.DATASETS.get(dataset)
-    per_class = info.per_class.get("train") if info else None
-    if keyed["images_per_class"] is None and per_class and keyed.get("samples_per_epoch") == per_class * info.num_classes \
-            and data.is_whole_split(dataset, "train", per_class, data_dir):
-        keyed["samples_per_epoch"] = None  # one pass, as "all" is
-    return keyed
+def resolve_knn_monitor(stage):
+    """Turns a rotation stage's `knn_monitor = "auto"` into "on" or "off" (in place)."""
+    s = stage.settings
+    if s.get("knn_monitor", "off") == "off":
+        return
+    if not knn_has_labels(s):
+        if s["knn_monitor"] == "on":
+            raise data.DataError(f"rotation.knn_monitor=on needs labelled data, and {s['dataset']} is read without "
+                                 "labels for rotation; set it to off")
+        s["knn_monitor"] = "off"
+    elif s["knn_monitor"] == "auto":
+        s["knn_monitor"] = "on" if knn_share(stage) <= KNN_SHARE else "off"
 
 
-def resolve_data(settings):
+def knn_monitor(stage, train, test):
+    """The stage's `kerasrot.knn.KnnMonitor` (in a list; none where it is off): neighbours from a balanced
+    labelled subset of its train split, scored on its test images (`test`: the stage's test batches)."""
+    s = stage.settings
+    if stage.task != "rotation" or s["knn_monitor"] != "on":
+        return []
+    per_class = min(s["knn_images_per_class"], *np.bincount(train.labels))  # no more than a class has
+    neighbours = train.subset(data.balanced_subset(train.labels, per_class, s["seed"]))
+    return [knn.KnnMonitor(s["knn_block"], neighbours.images, neighbours.labels, test.images, test.labels,
+                           batch_size=s["batch_size"])]
+
+
+def resolve_data(settings, cache):
     """An own folder's absolute path and "auto" streaming, in place -> `{path: fingerprint}` of folders read.
 
     Scanning the folder here, before any training, stops a run with bad files at once.
@@ -100,22 +117,24 @@ def resolve_data(settings):
         if stream == "auto":
             settings["streaming"] = "off"
         return {}
-    index = folders.scan(settings["dataset"][len(data.FOLDER):])
+    index = folders.scan(settings["dataset"][len(data.FOLDER):], known=cache.folders)
     settings["dataset"] = f"{data.FOLDER}{index.root}"
     if stream == "auto":
-        settings["streaming"] = "on" if folders.needs_streaming(index.root, settings["image_size"]) else "off"
+        settings["streaming"] = "on" if folders.needs_streaming(index, settings["image_size"]) else "off"
     return {str(index.root): index.fingerprint}
 
 
-def load_data(settings, data_dir, task):
-    """Train and test `Split`s of the stage's dataset, subset as its settings say."""
+def load_data(settings, options, task):
+    """Train and test `Split`s of the stage's dataset, subset as its settings say (each split read once a run)."""
     splits = []
     for split, key in (("train", "images_per_class"), ("test", "test_images_per_class")):
         # The built-in datasets have labels: one read of a split serves rotation and classification alike.
         labelled = task != "rotation" or settings["dataset"] in data.DATASETS
-        whole = data.load_split(settings["dataset"], split, settings["image_size"], data_dir,
-                                labelled=labelled, streaming=settings.get("streaming") == "on",
-                                bad_images=settings.get("bad_images", "error"))
+        read = (settings["dataset"], split, settings["image_size"], options.data_dir, labelled,
+                settings.get("streaming") == "on", settings.get("bad_images", "error"))
+        if read not in options.cache.splits:
+            options.cache.splits[read] = data.load_split(*read, scans=options.cache.folders)
+        whole = options.cache.splits[read]
         try:
             chosen = data.balanced_subset(whole.labels, settings[key], settings["seed"])
         except data.DataError as error:  # say which setting asks for too many, and what to do
@@ -138,7 +157,7 @@ def make_batches(stage, train, test):
     return train_batches, test_batches
 
 
-def build_model(settings, num_classes, name, fast=True):
+def network(settings, num_classes, name, fast=True):
     """The stage's network: in its fast layout (`speed`), or Keras' defaults for the saved copy."""
     s = settings
     if not fast:
@@ -152,36 +171,37 @@ def initial_model(stage, workdir, num_classes):
     """The stage's model with its init weights and trainable blocks."""
     s = stage.settings
     keras.utils.set_random_seed(s["seed"])
-    model = build_model(s, num_classes, name=f"{s['model']}_{stage.task}_{data.dataset_tag(s['dataset'])}")
+    model = network(s, num_classes, name=f"{s['model']}_{stage.task}_{data.dataset_tag(s['dataset'])}")
     if stage.task == "classify" and s["init"] != "random":
         source = keras.saving.load_model(stage_dir(workdir, stage.init_stage) / "model.keras")
         models.transfer_weights(source, model, skip_blocks=("head",))
     return models.set_trainable(model, s["trainable"] if stage.task == "classify" else "all")
 
 
-_features = {}  # the last model's block features: the probes of one model share them
-
-
 def probe_data(stage, options, tracker=None):
-    """Every block's features of the stage's frozen model, for its train and test images (`kerasrot.probes`)."""
-    s = stage.settings
+    """Every block's features of the stage's frozen model, for its train and test images (`kerasrot.probes`).
+
+    The probes of one model share them: the run's cache keeps the last model's.
+    """
+    s, cached = stage.settings, options.cache.features
     source = stage.init_stage.key if stage.init_stage else f"random {s['model']} {s['stem']} seed {s['seed']}"
     key = (source, s["dataset"], s["image_size"], s["images_per_class"], s["test_images_per_class"], s["seed"],
            s["batch_size"], options.data_dir)
-    if key not in _features:
-        _features.clear()
+    if key not in cached:
+        cached.clear()
         if stage.init_stage:
             model = keras.saving.load_model(stage_dir(options.workdir, stage.init_stage) / "model.keras")
         else:  # random weights: those the rotation model starts from (same seed, same draws)
             keras.utils.set_random_seed(s["seed"])
             model = models.build_model(s["model"], NUM_ROTATIONS, s["stem"], s["image_size"])
-        train, test = load_data(s, options.data_dir, stage.task)
+        train, test = load_data(s, options, stage.task)
+        if tracker:
+            tracker.read(stage, len(train), len(test))
         extract = [Batches(split.images, split.labels, s["batch_size"]) for split in (train, test)]
         tick = tracker.counter("features of every block, once", "block features", len(train) + len(test)) \
             if tracker else None
-        _features[key] = ([probes.block_features(model, batches, on_batch=tick)
-                           for batches in extract], train, test)
-    return _features[key]
+        cached[key] = ([probes.block_features(model, batches, on_batch=tick) for batches in extract], train, test)
+    return cached[key]
 
 
 def stage_model_and_data(stage, options, tracker=None):
@@ -197,7 +217,9 @@ def stage_model_and_data(stage, options, tracker=None):
         test_batches = Batches(test_features[block], test_labels, s["batch_size"])
         distribute.check_batches(stage, train_batches, test_batches)
         return model, train_batches, test_batches, train
-    train, test = load_data(s, options.data_dir, stage.task)
+    train, test = load_data(s, options, stage.task)
+    if tracker:
+        tracker.read(stage, len(train), len(test))
     if train.skipped:
         options.log(f"left out {len(train.skipped)} unreadable image file(s) (bad_images=skip): "
                     + ", ".join(name for name, _ in train.skipped[:3]) + (" ..." if len(train.skipped) > 3 else ""))
@@ -210,7 +232,7 @@ def saved_copy(stage, model):
     """The model saved for users: a network in Keras' default layout (NHWC, float32, stock layers)."""
     if stage.task == "probe":
         return model
-    portable = build_model(stage.settings, model.output_shape[-1], name=model.name, fast=False)
+    portable = network(stage.settings, model.output_shape[-1], name=model.name, fast=False)
     models.transfer_weights(model, portable, skip_blocks=())
     return portable
 
@@ -230,6 +252,13 @@ def on_frozen_outputs(model, train_batches, test_batches, tracker):
     return (trainable_part, *outputs)
 
 
+def tensorboard(stage, options):
+    """Keras' TensorBoard callback for the stage (in a list; none without --tensorboard)."""
+    if options.tensorboard is None:
+        return []
+    return [keras.callbacks.TensorBoard(str(options.tensorboard / stage.name), write_graph=False)]
+
+
 def run_stage(stage, options, tracker):
     """Trains one stage (or resumes it) and returns its result dict."""
     s = stage.settings
@@ -238,10 +267,14 @@ def run_stage(stage, options, tracker):
     fitted, train_data, test_data = model, train_batches, test_batches
     if stage.task == "classify" and frozen.computed_once(s["trainable"], s["augment"]):
         fitted, train_data, test_data = on_frozen_outputs(model, train_batches, test_batches, tracker)
+    training.compile_model(fitted, s, steps_per_epoch=len(train_data))
+    speed.prepare_to_train(fitted, s, log=options.log)
+    train_data, test_data = device.fed(train_data), device.fed(test_data)
     start = time.perf_counter()
     try:
         history = training.train(fitted, train_data, test_data, s, directory / "checkpoints",
-                                 callbacks=[Progress(tracker, train_data, test_data)], log=options.log)
+                                 callbacks=[Progress(tracker, train_data, test_data), *tensorboard(stage, options)],
+                                 epoch_logs=knn_monitor(stage, train, test_batches), log=options.log)
     except training.Diverged as error:
         kept = f"the checkpoint of epoch {error.epoch - 1} stays in {directory / 'checkpoints'}" if error.epoch > 1 \
             else "no epoch finished"
@@ -251,7 +284,7 @@ def run_stage(stage, options, tracker):
         ) from None
     portable = saved_copy(stage, model)
     per_batch = test_batches.num_samples / len(test_batches) * tracker.cost("test of the saved model")
-    test_accuracy = training.accuracy(portable, test_batches, on_batch=lambda: tracker.advance(
+    test_accuracy = training.accuracy(portable, device.fed(test_batches), on_batch=lambda: tracker.advance(
         per_batch, lambda: "testing the saved model"))
     files.save_model(portable, directory / "model.keras")
     result = {
@@ -261,6 +294,7 @@ def run_stage(stage, options, tracker):
         "accuracy": round(test_accuracy, 2),
         "test_samples": test_batches.num_samples,
         "train_images": len(train),
+        **({"class_names": list(train.class_names)} if stage.task != "rotation" else {}),
         "settings": s,
         "history": history,
         "train_seconds": round(sum(e["seconds"] for e in history), 1),
@@ -278,6 +312,31 @@ def run_stage(stage, options, tracker):
     files.write_json(directory / "result.json", result)
     files.remove_tree(directory / "checkpoints")
     return result
+
+
+def look_inside(recipe, options):
+    """`{file name: figure}`: the attention maps and first-layer filters of the networks the recipe's
+    `[report.look_inside]` names (`kerasrot.visualize`); none where it names none."""
+    spec = recipe.report.get("look_inside")
+    if not spec:
+        return {}
+    by_name = {stage.name: stage for stage in recipe.stages}
+    networks = {}
+    for title, name in spec["networks"].items():
+        if name == "random":  # the random weights a stage starts from (same seed, same draws)
+            s = by_name[spec["random_start_of"]].settings
+            keras.utils.set_random_seed(s["seed"])
+            networks[title] = models.build_model(s["model"], NUM_ROTATIONS, s["stem"], s["image_size"])
+        elif (stage_dir(options.workdir, by_name[name]) / "model.keras").exists():
+            networks[title] = keras.saving.load_model(stage_dir(options.workdir, by_name[name]) / "model.keras")
+        else:  # a stage brought from another machine as its result.json alone
+            options.log(f"no attention.png or filters.png: stage {name}'s model.keras is not in {options.workdir}")
+            return {}
+    _, test = load_data(by_name[spec["images_of"]].settings, options, "classify")
+    shown = visualize.pick_images(test.labels)
+    images, labels = test.images[shown], test.labels[shown]
+    return {"attention.png": visualize.plot_attention(networks, images, labels, test.class_names),
+            "filters.png": visualize.plot_filters(networks)}
 
 
 def models_still_needed(stages, workdir):
