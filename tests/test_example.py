@@ -21,6 +21,7 @@ def test_tiny_walkthrough_prints_the_three_accuracies(data_root, tmp_path):
         assert re.search(rf"^{re.escape(line)}: \d+\.\d\d%$", done.stdout, re.MULTILINE), line
     assert (tmp_path / "rotnet_table2.png").stat().st_size > 0
     assert (tmp_path / "rotations.png").stat().st_size > 0
+    assert (tmp_path / "attention.png").stat().st_size > 0  # it ends with the attention maps of its two models
 
 
 def test_walkthrough_uses_the_public_api_only_and_is_short():
