@@ -71,7 +71,7 @@ done
   echo "commit $(head -1 "$KERASROT_COMMIT_MANIFEST"), part $part $*, $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   KERAS_BACKEND=torch python3 -c "import sys, torch, jax, keras; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'jax', jax.__version__, 'keras', keras.__version__)"
-  KERAS_BACKEND=torch python3 -c "from kerasrot.runner.reporting import git_commit; print('recorded commit', git_commit())"
+  KERAS_BACKEND=torch python3 -c "from kerasrot.runner.provenance import git_commit; print('recorded commit', git_commit())"
 } 2>&1 | tee "$out/$part-env.txt"
 
 if [ "$part" = paper ]; then
