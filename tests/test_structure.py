@@ -111,11 +111,13 @@ def test_scripts_import_what_the_package_has():
     # lines, and those of the benchmarks and examples, must name what exists.
     # Unlike the tests above, this one imports, as the scripts will.
     root = PACKAGE.parent
-    statement = re.compile(r"from (kerasrot[\w.]*) import ([\w, ]+)")
+    # The names: one line of them, or a parenthesised list over several lines.
+    statement = re.compile(r"from (kerasrot[\w.]*) import (\([^)]*\)|[\w, ]+)")
+    scripts = [path for path in [*root.glob("benchmarks/*"), *root.glob("examples/*.py")] if path.is_file()]
     imports = [(script.name, module, name)
-               for script in [*root.glob("benchmarks/*"), *root.glob("examples/*.py")]
+               for script in scripts
                for module, names in statement.findall(script.read_text())
-               for name in names.replace(",", " ").split()]
+               for name in re.findall(r"\w+", names)]
     assert len(imports) > 10  # the pattern finds them
     missing = [f"{script}: {module} has no {name}" for script, module, name in imports if not can_import(module, name)]
     assert missing == []
